@@ -440,7 +440,8 @@ def dynat_loss(target, guide, x, y, *, epsilon, step_size, num_steps, inner=Fals
         with frozen_bn_stats(target):
             loss_awp, _ = target_loss(target, x, x_adv, y_train, **dict(
                 terms, logits_guide=None if logits_guide is None else logits_guide.detach()))
-        delta = awp_perturbation(target, loss_scale(loss_awp) if loss_scale else loss_awp, awp_gamma, average)
+            # inside the block: BatchNorm's backward reads the statistics restored on exit
+            delta = awp_perturbation(target, loss_scale(loss_awp) if loss_scale else loss_awp, awp_gamma, average)
 
     # Eq. 5: the target learns the dynamic labels on x' (at w + delta under AWP).
     loss_target, logits_adv = target_loss(target, x, x_adv, y_train, weights_delta=delta, **terms)
@@ -602,9 +603,23 @@ def sync_replicas(models, world, grads=True, buffers=True):
         for p, g in zip(params, all_mean([p.grad for p in params], world)):
             p.grad.copy_(g)
     if buffers:
-        for m in models:
-            for b in m.buffers():
-                dist.broadcast(b, 0)
+        floats = [b for m in models for b in m.buffers() if b.is_floating_point()]
+        flat = torch.cat([b.reshape(-1) for b in floats])
+        dist.broadcast(flat, 0)
+        for b, chunk in zip(floats, flat.split([b.numel() for b in floats])):
+            b.copy_(chunk.view_as(b))
+
+
+def check_replicas(models):
+    """Stop if any parameter or buffer differs bitwise from rank 0's (replicas drifting apart)."""
+    tensors = [t.detach() for m in models for t in list(m.parameters()) + list(m.buffers())]
+    flat = torch.cat([t.reshape(-1).double() for t in tensors])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    differs = torch.tensor([float(not torch.equal(flat, reference))], device=flat.device)
+    dist.all_reduce(differs)
+    if differs.item():
+        raise RuntimeError("model replicas differ across processes; data parallelism is broken")
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -816,13 +831,16 @@ def run(args):
         t0 = time.time()
         for step in range(start_step, len(batches)):
             idx = batches[step].to(device)
+            # The global batch is augmented identically on every process, then split, so N
+            # processes see exactly the images one process would; the attack's random start
+            # then draws from a per-process seed.
+            torch.manual_seed(step_seed(args.seed, epoch, step, 0))
+            x, y = augment(to_input(x_train[idx], device)), y_train[idx]
             if world > 1:
-                idx = idx.tensor_split(world)[rank]
-            torch.manual_seed(step_seed(args.seed, epoch, step, rank))
-            x = augment(to_input(x_train[idx], device))
+                x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+                torch.manual_seed(step_seed(args.seed, epoch, step, rank))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = y_train[idx]
             loss, stats = dynat_loss(target, guide, x, y, **settings, amp=amp, loss_scale=scaler.scale,
                                      average=average)
             names = ["loss_guide", "loss_target"] + (["loss_iseat"] if "loss_iseat" in stats else [])
@@ -892,6 +910,7 @@ def run(args):
                 f"{fmt(row['guide_clean_acc'])} target {fmt(row['target_clean_acc'])} | PGD-10 "
                 f"{fmt(row['target_pgd_acc'])} ({row['pgd_split']}, n={row['pgd_n']})")
         if world > 1:
+            check_replicas(models)
             dist.barrier()  # the others wait while rank 0 evaluates and writes
     return 0
 

@@ -1,0 +1,268 @@
+"""End-to-end tests: dynat.py run as a user runs it, in a subprocess, on a generated ImageFolder.
+
+Covers the outputs of a run, determinism, exact resume after SIGKILL and SIGTERM, refusal of
+bad input (exit 2, one line, no traceback), safe checkpoint loading and torchrun data parallelism.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--target", "wrn-10-1", "--guide", "wrn-10-1", "--batch-size", "16", "--num-steps", "2",
+        "--eval-pgd-n", "16", "--workers", "0"]
+
+
+def make_imagefolder(root, classes=3, train_per_class=16, test_per_class=8, size=16, seed=0):
+    """Generated images whose class is their dominant colour channel, plus noise: learnable."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 90, (size, size, 3))
+                img[..., c % 3] += 120 + 40 * (c // 3)
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+                    os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+def run_script(args, script="dynat.py", timeout=300, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def train_args(folder, out, *extra):
+    return ["--dataset", "imagefolder", "--data-dir", folder, "--out-dir", str(out), *TINY, *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        r.pop("seconds")
+    return rows
+
+
+def weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return {f"{m}.{k}": v for m in ("target", "guide") if ckpt[m] is not None for k, v in ckpt[m].items()}
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_end_to_end_writes_every_output(folder, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(train_args(folder, out, "--epochs", "2", "--val-size", "8", "--inner", "--awp",
+                              "--awp-warmup", "1", "--alpha", "1"))
+    assert r.returncode == 0, r.stderr
+    for name in ("metrics.jsonl", "last.pt", "best.pt", "args.json", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("lr", "loss_guide", "loss_target", "dynamic_label_acc", "guide_clean_acc",
+                    "target_clean_acc", "target_pgd_acc"):
+            assert isinstance(row[key], float) and np.isfinite(row[key]), key
+        assert row["pgd_split"] == "val" and row["pgd_n"] == 8
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["inner"] is True
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["target"])
+    assert "epoch   2" in r.stdout  # one plain summary line per epoch
+
+
+def test_same_seed_deterministic_runs_are_identical(folder, tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        r = run_script(train_args(folder, out, "--epochs", "2", "--deterministic", "--inner"))
+        assert r.returncode == 0, r.stderr
+    assert metrics(runs[0]) == metrics(runs[1])
+    assert_same_weights(runs[0] / "last.pt", runs[1] / "last.pt")
+
+
+def wait_for_epoch(proc, path, epoch, timeout=120):
+    """Poll until `path` holds a checkpoint of at least `epoch` finished epochs."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.isfile(path):
+            try:
+                if torch.load(path, weights_only=True)["epoch"] >= epoch:
+                    return
+            except Exception:
+                pass  # being replaced right now: the rename is atomic, read again
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError(path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_bit_for_bit(folder, tmp_path, sig):
+    extra = ("--epochs", "3", "--deterministic", "--awp", "--awp-warmup", "1", "--reweight", "mail",
+             "--reweight-start", "2")
+    full = tmp_path / "full"
+    assert run_script(train_args(folder, full, *extra)).returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "dynat.py", *train_args(folder, cut, *extra)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wait_for_epoch(proc, cut / "last.pt", 1)
+    if sig == signal.SIGKILL:
+        time.sleep(0.3)  # anywhere in epoch 2; SIGTERM goes at once, before epoch 2's last batch
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert "Traceback" not in stderr
+        assert "interrupted by SIGTERM" in stdout
+        ckpt = torch.load(cut / "last.pt", weights_only=True)  # loadable
+        assert ckpt["epoch"] >= 1
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    r = run_script(["--resume", str(cut)])
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout
+    assert metrics(full) == metrics(cut)
+    assert_same_weights(full / "last.pt", cut / "last.pt")
+
+
+def test_non_empty_out_dir_is_refused_and_labels_true_has_no_guide(folder, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(train_args(folder, out, "--epochs", "1", "--labels", "true", "--dry-run")).returncode == 0
+    assert torch.load(out / "last.pt", weights_only=True)["guide"] is None
+    r = run_script(train_args(folder, out, "--epochs", "1"))
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    assert run_script(train_args(folder, out, "--epochs", "1", "--dry-run", "--overwrite")).returncode == 0
+
+
+def test_non_finite_loss_stops_with_a_message(folder, tmp_path):
+    r = run_script(train_args(folder, tmp_path / "run", "--epochs", "1", "--lr", "1e30"))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "at epoch 1, batch" in r.stderr and "loss_" in r.stderr
+
+
+def bad_folders(tmp_path):
+    empty = tmp_path / "empty"
+    for split in ("train", "test"):
+        (empty / split / "a").mkdir(parents=True)
+    mismatched = make_imagefolder(tmp_path / "mismatched", classes=2)
+    os.makedirs(os.path.join(mismatched, "test", "class9"))
+    Image.new("RGB", (16, 16)).save(os.path.join(mismatched, "test", "class9", "x.png"))
+    return str(empty), mismatched
+
+
+BAD_INPUTS = {
+    "epsilon zero": ["--epsilon", "0"],
+    "epsilon above one": ["--epsilon", "2"],
+    "epsilon not a number": ["--epsilon", "eight"],
+    "step size zero": ["--step-size", "0/255"],
+    "negative steps": ["--num-steps", "-1"],
+    "unknown dataset": ["--dataset", "mnist"],
+    "unknown architecture": ["--target", "vgg16"],
+    "invalid wrn depth": ["--target", "wrn-12-2"],
+    "missing data dir": ["--data-dir", "/nonexistent/dynat-data"],
+    "val size too large": ["--val-size", "48"],
+    "reweight start beyond epochs": ["--reweight", "gairat", "--reweight-start", "5", "--epochs", "3"],
+    "resume of a missing dir": ["--resume", "/nonexistent/run"],
+    "zero batch size": ["--batch-size", "0"],
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS) + ["empty imagefolder", "mismatched classes"])
+def test_bad_input_gives_one_line_and_exit_2(folder, tmp_path, name):
+    empty, mismatched = bad_folders(tmp_path)
+    data_dir = {"empty imagefolder": empty, "mismatched classes": mismatched}.get(name, folder)
+    args = train_args(data_dir, tmp_path / "out", "--epochs", "1", *BAD_INPUTS.get(name, []))
+    r = run_script(args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(("dynat.py: error:", "usage:")), r.stderr
+
+
+class Exploit:
+    """Unpickling this would create a file: a checkpoint loader must never do it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_that_needs_code_is_refused_and_never_run(folder, tmp_path):
+    run = tmp_path / "run"
+    assert run_script(train_args(folder, run, "--epochs", "1", "--dry-run")).returncode == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    ckpt["args"]["note"] = Exploit(str(marker))
+    torch.save(ckpt, run / "last.pt")
+    r = run_script(["--resume", str(run)])
+    assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_refused(folder, tmp_path):
+    run = tmp_path / "run"
+    assert run_script(train_args(folder, run, "--epochs", "1", "--dry-run")).returncode == 0
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    r = run_script(["--resume", str(run)])
+    assert r.returncode == 2 and "truncated or corrupt" in r.stderr and "Traceback" not in r.stderr
+    assert str(run / "last.pt") in r.stderr
+
+
+def torchrun(args, nproc=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", str(nproc), "dynat.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_two_processes_keep_replicas_identical_and_resume(folder, tmp_path):
+    # dynat.py itself compares every parameter and buffer with rank 0's after each epoch
+    # (check_replicas) and fails the run if they differ; AWP is where replicas would drift.
+    extra = ("--epochs", "2", "--inner", "--awp", "--awp-warmup", "1", "--deterministic")
+    full = tmp_path / "full"
+    r = torchrun(train_args(folder, full, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    cut = tmp_path / "cut"
+    r = torchrun(train_args(folder, cut, *extra[:1], "1", *extra[2:]))  # stop after epoch 1 ...
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(cut / "last.pt", weights_only=True)
+    ckpt["args"]["epochs"] = 2  # ... then continue it as the 2-epoch run under torchrun
+    torch.save(ckpt, cut / "last.pt")
+    r = torchrun(["--resume", str(cut)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" in r.stdout
+    assert_same_weights(full / "last.pt", cut / "last.pt")
+
+
+def test_two_processes_match_one_process_on_the_first_step(folder, tmp_path):
+    # Same global batch, BatchNorm synchronised; a 1e-9 ball makes the per-process attack
+    # starts irrelevant, so the first step's losses must agree to float tolerance.
+    extra = ("--epochs", "1", "--dry-run", "--sync-bn", "--epsilon", "1e-9", "--inner")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_script(train_args(folder, one, *extra)).returncode == 0
+    r = torchrun(train_args(folder, two, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m1, m2 = metrics(one)[0], metrics(two)[0]
+    for key in ("loss_guide", "loss_target", "dynamic_label_acc"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
