@@ -351,7 +351,8 @@ def awp_perturbation(model, loss, gamma, average=None):
     v = gamma * ||w|| * g / ||g|| with g = d loss / d w (one ascent step of a proxy, rescaled
     per layer to ||w||, so the proxy's learning rate cancels). Returns {name: gamma * v}.
     `average` (optional) averages the gradients across processes first."""
-    named = [(n, p) for n, p in model.named_parameters() if p.ndim > 1]
+    # Frozen weights stay unperturbed, as a proxy's SGD step would leave them.
+    named = [(n, p) for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
     grads = torch.autograd.grad(loss, [p for _, p in named])
     if average is not None:
         grads = average(list(grads))
@@ -916,6 +917,7 @@ def run(args):
 
 
 def main(argv=None):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # run() installs its own
     try:
         return run(get_parser().parse_args(argv))
     except UsageError as e:
@@ -925,6 +927,8 @@ def main(argv=None):
         print(f"dynat.py: stopped: {e}", file=sys.stderr)
         return 1
     finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,0 +1,711 @@
+"""Unit tests of the algorithm in dynat.py and the models in models.py.
+
+Every test checks a property of Algorithm 1 or of a variant (SPEC.md sections 2-5) on tiny
+models (wrn-10-1) and batches of 8 random 16x16 images, so the whole file runs in seconds on a
+CPU. Where a value can be recomputed independently (Eq. 6, AWP's proxy, the ISEAT term) the test
+recomputes it by hand from the pieces dynat_loss produced (captured by wrapping
+`dynat.perturb` and `dynat.awp_perturbation`) on fresh copies of the models.
+"""
+import copy
+import itertools
+import os
+import signal
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dynat  # noqa: E402
+import models  # noqa: E402
+
+C = 10
+EPS, STEP = 8 / 255, 2 / 255
+ATTACK = dict(epsilon=EPS, step_size=STEP, num_steps=2)
+
+
+def make_models(classes=C, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    target = models.build_model("wrn-10-1", classes).to(dtype).train()
+    guide = models.build_model("wrn-10-1", classes).to(dtype).train()
+    return target, guide
+
+
+def make_batch(b=8, size=16, classes=C, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, size, size, generator=g).to(dtype)
+    y = torch.randint(0, classes, (b,), generator=g)
+    return x, y
+
+
+def weight_keys(model):
+    return {n for n, p in model.named_parameters() if p.ndim > 1}
+
+
+def call_loss(target, guide, x, y, seed=7, **kw):
+    """dynat_loss on deep copies with a fixed attack seed; returns (loss, stats, target, guide)."""
+    target, guide = copy.deepcopy(target), copy.deepcopy(guide)
+    torch.manual_seed(seed)  # the attack's random start
+    loss, stats = dynat.dynat_loss(target, guide, x, y, **{**ATTACK, **kw})
+    return loss, stats, target, guide
+
+
+def grads(model):
+    return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Record what dynat_loss passed to and got from the attack and AWP."""
+    calls = {}
+    real_perturb, real_awp = dynat.perturb, dynat.awp_perturbation
+
+    def perturb(model, x, y, **kw):
+        x_adv, kappa = real_perturb(model, x, y, **kw)
+        calls.update(x_adv=x_adv, kappa=kappa, y_attack=y.clone(), attack=kw)
+        return x_adv, kappa
+
+    def awp_perturbation(model, loss, gamma, average=None):
+        delta = real_awp(model, loss, gamma, average)
+        calls["delta"] = {n: d.clone() for n, d in delta.items()}
+        return delta
+
+    monkeypatch.setattr(dynat, "perturb", perturb)
+    monkeypatch.setattr(dynat, "awp_perturbation", awp_perturbation)
+    return calls
+
+
+# ----------------------------------------------------------------------------- 1. dynamic labels (Eq. 3)
+
+def test_dynamic_labels_is_argmax_lowest_index_on_ties_int64_no_grad():
+    z = torch.tensor([[1.0, 3.0, 3.0, 0.0],
+                      [2.0, 2.0, 2.0, 2.0],
+                      [0.0, -1.0, 5.0, 5.0],
+                      [-3.0, -2.0, -1.0, -1.5]], requires_grad=True)
+    y_dyn = dynat.dynamic_labels(z)
+    assert y_dyn.tolist() == [1, 0, 2, 2]
+    assert y_dyn.dtype == torch.int64
+    assert not y_dyn.requires_grad and y_dyn.grad_fn is None
+    zr = torch.randn(64, 100, requires_grad=True)
+    assert torch.equal(dynat.dynamic_labels(zr), zr.detach().argmax(1))
+
+
+def test_dynamic_label_cross_entropy_is_onehot_cross_entropy():
+    torch.manual_seed(0)
+    z_guide, z_target = torch.randn(16, C), torch.randn(16, C, requires_grad=True)
+    y_dyn = dynat.dynamic_labels(z_guide)
+    onehot = F.one_hot(y_dyn, C).float()
+    ce = F.cross_entropy(z_target, y_dyn)
+    ref = -(onehot * F.log_softmax(z_target, 1)).sum(1).mean()
+    torch.testing.assert_close(ce, ref)
+    g1, = torch.autograd.grad(ce, z_target)
+    g2, = torch.autograd.grad(ref, z_target)
+    torch.testing.assert_close(g1, g2)
+
+
+# ----------------------------------------------------------------------------- 2. dynat_loss: every variant
+
+def variants():
+    """The full product labels x inner x alpha x awp_gamma x reweight x iseat, plus label smoothing
+    and beta on a few of them."""
+    for labels, inner, alpha, awp_gamma, reweight, iseat in itertools.product(
+            ["dynamic", "true", "lbgat"], [False, True], [0.0, 1.0], [0.0, 0.005], ["none", "gairat", "mail"],
+            [0.0, 0.1]):
+        kw = dict(inner=inner, alpha=alpha, awp_gamma=awp_gamma, reweight=reweight, iseat=iseat)
+        yield pytest.param(labels, kw, id="-".join([labels] + [f"{k}={v}" for k, v in kw.items()]))
+    for labels in ("dynamic", "true", "lbgat"):
+        for kw in (dict(label_smoothing=0.2), dict(label_smoothing=0.1, beta=0.2, reweight="gairat", awp_gamma=0.005)):
+            yield pytest.param(labels, kw, id="-".join([labels] + [f"{k}={v}" for k, v in kw.items()]))
+
+
+@pytest.mark.parametrize("labels,kw", list(variants()))
+def test_dynat_loss_every_variant_finite_and_side_effect_free(labels, kw):
+    target, guide = make_models()
+    x, y = make_batch()
+    target.bn1.weight.requires_grad_(False)  # unusual flags must survive too
+    guide.fc.bias.requires_grad_(False)
+    flags_t = [p.requires_grad for p in target.parameters()]
+    flags_g = [p.requires_grad for p in guide.parameters()]
+    before = {n: p.detach().clone() for n, p in target.named_parameters()}
+    torch.manual_seed(0)
+    loss, stats = dynat.dynat_loss(target, guide if labels != "true" else None, x, y, labels=labels,
+                                   **{**ATTACK, "num_steps": 1, **kw})  # 1 step: 150 cases stay fast
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    expected = {"loss_guide", "loss_target"} | ({"dyn_correct"} if labels != "true" else set()) \
+        | ({"loss_iseat"} if kw.get("iseat", 0) > 0 else set())
+    assert set(stats) == expected
+    assert all(torch.isfinite(v) and not v.requires_grad for v in stats.values())
+    # no hidden side effects: modes, requires_grad flags, grads and the target's weights
+    assert target.training and guide.training
+    assert [p.requires_grad for p in target.parameters()] == flags_t
+    assert [p.requires_grad for p in guide.parameters()] == flags_g
+    assert all(p.grad is None for p in itertools.chain(target.parameters(), guide.parameters()))
+    assert all(torch.equal(p, before[n]) for n, p in target.named_parameters())
+    loss.backward()  # and the graph is sound
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in target.parameters() if p.requires_grad)
+    assert target.bn1.weight.grad is None
+
+
+def reference_loss(target, guide, x, y, x_adv, kappa, *, labels="dynamic", beta=1.0, alpha=0.0,
+                   label_smoothing=0.0, reweight="none", num_steps=2, lam=-1.0, bias=-0.5, slope=10.0):
+    """Eq. 4-6 written out from SPEC section 2-3, independently of dynat.target_loss."""
+    if labels == "true":
+        loss_guide, y_t, z_g = 0.0, y, None
+    else:
+        z_g = guide(x)
+        loss_guide, y_t = F.cross_entropy(z_g, y), z_g.detach().argmax(1)
+    z_adv = target(x_adv)
+    if labels == "lbgat":
+        per = ((z_adv - z_g) ** 2).mean(1)
+    else:
+        per = F.cross_entropy(z_adv, y_t, reduction="none", label_smoothing=label_smoothing)
+    w = torch.ones_like(per)
+    if reweight == "gairat":
+        w = 0.5 * (1 + torch.tanh(lam + 5 * (1 - 2 * kappa.float() / num_steps)))
+    elif reweight == "mail":
+        p = F.softmax(z_adv.detach(), 1)
+        p_y = p[torch.arange(len(y_t)), y_t]
+        p_other = torch.where(F.one_hot(y_t, p.shape[1]).bool(), torch.zeros_like(p), p).max(1).values
+        w = torch.sigmoid(slope * (p_other - p_y + bias))
+    loss = loss_guide + beta * (w / w.mean() * per).mean()
+    if alpha > 0:
+        z_nat = target(x)
+        p_nat = F.softmax(z_nat, 1)
+        loss = loss + alpha * (p_nat * (F.log_softmax(z_nat, 1) - F.log_softmax(z_adv, 1))).sum(1).mean()
+    return loss, y_t
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(inner=True), dict(alpha=1.0, beta=0.5, label_smoothing=0.1),
+                                dict(labels="true", inner=True), dict(labels="true", alpha=1.0),
+                                dict(labels="lbgat"), dict(labels="lbgat", inner=True, alpha=1.0),
+                                dict(reweight="gairat", num_steps=3), dict(reweight="mail", inner=True),
+                                dict(labels="true", reweight="gairat", inner=True)],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "base")
+def test_dynat_loss_equals_eq6_by_hand(spy, kw):
+    """Value and gradients of Eq. 6 match a by-hand recomputation; the attack is the one asked for
+    (Eq. 7's CE on y_dyn with inner, else the KL attack) and starts from x + 0.001 N(0, I)."""
+    target, guide = make_models()
+    x, y = make_batch()
+    labels = kw.get("labels", "dynamic")
+    loss, stats, t1, g1 = call_loss(target, guide, x, y, seed=3, **kw)
+    loss.backward()
+    t2, g2 = copy.deepcopy(target), copy.deepcopy(guide)
+    ref, y_t = reference_loss(t2, g2, x, y, spy["x_adv"], spy["kappa"], **{k: v for k, v in kw.items() if k != "inner"})
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["loss_target"] + stats["loss_guide"], ref.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(itertools.chain(t1.parameters(), g1.parameters() if labels != "true" else []),
+                    itertools.chain(t2.parameters(), g2.parameters() if labels != "true" else [])):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    if labels != "true":
+        assert stats["dyn_correct"].item() == (y_t == y).sum().item()
+    # the attack: loss and labels
+    assert spy["attack"]["loss"] == ("ce" if kw.get("inner") else "kl")
+    assert torch.equal(spy["y_attack"], y_t)
+    torch.manual_seed(3)
+    x_adv, kappa = dynat.perturb(copy.deepcopy(target), x, y_t, loss=spy["attack"]["loss"],
+                                 **{**ATTACK, "num_steps": kw.get("num_steps", 2)})
+    assert torch.equal(x_adv, spy["x_adv"]) and torch.equal(kappa, spy["kappa"])
+
+
+def test_dynat_loss_runs_guide_once_and_attacks_target_in_eval_mode():
+    target, guide = make_models()
+    x, y = make_batch()
+    seen = {"guide": [], "target": []}
+    guide.register_forward_pre_hook(lambda m, inp: seen["guide"].append(m.training))
+    target.register_forward_pre_hook(lambda m, inp: seen["target"].append(m.training))
+    for alpha, inner in [(0.0, True), (1.0, False)]:
+        seen["guide"].clear(), seen["target"].clear()
+        before = {n: b.clone() for n, b in target.named_buffers()}
+        torch.manual_seed(0)
+        dynat.dynat_loss(target, guide, x, y, **ATTACK, inner=inner, alpha=alpha)
+        assert seen["guide"] == [True]  # SPEC 2.1: one clean forward, train mode
+        attack = ATTACK["num_steps"] + (0 if inner else 1)  # the KL attack also needs p(f_t(x))
+        assert seen["target"] == [False] * attack + [True] * (2 if alpha > 0 else 1)  # f_t(x) only when alpha > 0
+        # the eval-mode attack leaves BN statistics alone: each buffer moved by train forwards only
+        assert target.bn1.num_batches_tracked.item() == before["bn1.num_batches_tracked"].item() + (2 if alpha else 1)
+
+
+def test_dynat_loss_true_labels_needs_no_guide():
+    target, _ = make_models()
+    x, y = make_batch()
+    torch.manual_seed(0)
+    loss, stats = dynat.dynat_loss(target, None, x, y, **ATTACK, labels="true", inner=True)
+    assert torch.isfinite(loss) and stats["loss_guide"].item() == 0.0 and "dyn_correct" not in stats
+
+
+# ----------------------------------------------------------------------------- 3. the attack
+
+class AlwaysClassZero(nn.Module):
+    """Logits (10 + s, s, -s) with s = scale * mean(x) in [0, 1]: class 0 always wins, and the
+    input gradient is non-zero for every attack loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        s = self.scale * x.flatten(1).mean(1)
+        return torch.stack([10 + s, s, -s], 1)
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl", "cw"])
+@pytest.mark.parametrize("start", ["normal", "uniform"])
+def test_perturb_stays_in_ball_and_box_and_restores_model(loss, start):
+    target, _ = make_models()
+    x, y = make_batch()
+    x[0, 0, :4] = 0.0  # pixels at the box edges
+    x[1, 1, :4] = 1.0
+    target.fc.bias.requires_grad_(False)
+    for mode in (True, False):
+        target.train(mode)
+        flags = [p.requires_grad for p in target.parameters()]
+        buffers = {n: b.clone() for n, b in target.named_buffers()}
+        torch.manual_seed(0)
+        x_adv, kappa = dynat.perturb(target, x, y, epsilon=EPS, step_size=STEP, num_steps=3, loss=loss, start=start)
+        assert (x_adv - x).abs().max() <= EPS + 1e-6
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert not torch.equal(x_adv, x)
+        assert not x_adv.requires_grad
+        assert kappa.dtype == torch.int64 and kappa.min() >= 0 and kappa.max() <= 3
+        assert target.training == mode
+        assert [p.requires_grad for p in target.parameters()] == flags
+        assert all(p.grad is None for p in target.parameters())
+        assert all(torch.equal(b, buffers[n]) for n, b in target.named_buffers())  # eval-mode attack
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl", "cw"])
+@pytest.mark.parametrize("start", ["normal", "uniform"])
+def test_perturb_epsilon_zero_returns_x(loss, start):
+    target, _ = make_models()
+    x, y = make_batch()
+    for k in (0, 2):
+        x_adv, kappa = dynat.perturb(target, x, y, epsilon=0.0, step_size=STEP, num_steps=k, loss=loss, start=start)
+        assert torch.equal(x_adv, x)
+        assert kappa.shape == y.shape and (kappa <= k).all()
+    _, kappa = dynat.perturb(target, x, y, epsilon=EPS, step_size=STEP, num_steps=0, loss=loss, start=start)
+    assert torch.equal(kappa, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl", "cw"])
+def test_perturb_kappa_counts_correct_iterates(loss):
+    model = AlwaysClassZero()
+    x, _ = make_batch()
+    y = torch.tensor([0, 1, 2, 0, 1, 0, 2, 0])
+    for k in (1, 4):
+        _, kappa = dynat.perturb(model, x, y, epsilon=EPS, step_size=STEP, num_steps=k, loss=loss)
+        assert kappa.tolist() == [k if t == 0 else 0 for t in y.tolist()]
+    assert model.scale.requires_grad and model.training
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl", "cw"])
+def test_perturb_increases_convex_loss_of_linear_model(loss):
+    """For a linear model every attack loss is convex in x, so each projected signed-gradient
+    step cannot decrease it (first-order bound): the attack must increase every example's loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x = 0.25 + 0.5 * torch.rand(16, 3, 8, 8)
+    y = torch.randint(0, 5, (16,))
+
+    def per_example(x_in):
+        with torch.no_grad():
+            z = model(x_in)
+            if loss == "ce":
+                return F.cross_entropy(z, y, reduction="none")
+            if loss == "kl":
+                p = F.softmax(model(x), 1)
+                return (p * (p.log() - F.log_softmax(z, 1))).sum(1)
+            return dynat.margin_loss(z, y)
+
+    x_adv, _ = dynat.perturb(model, x, y, epsilon=EPS, step_size=STEP, num_steps=5, loss=loss)
+    assert (per_example(x_adv) > per_example(x) + 1e-4).all()
+    assert (x_adv - x).abs().max() > EPS / 2  # it moved well into the ball
+
+
+def test_margin_loss():
+    z = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, -1.0]])
+    y = torch.tensor([0, 2])
+    assert dynat.margin_loss(z, y).tolist() == [-1.0, 6.0]
+
+
+# ----------------------------------------------------------------------------- 4. L_t never sees y
+
+@pytest.mark.parametrize("kw", [dict(), dict(inner=True), dict(reweight="mail"), dict(inner=True, reweight="gairat"),
+                                dict(labels="lbgat"), dict(alpha=1.0, awp_gamma=0.005, iseat=0.1, label_smoothing=0.1),
+                                dict(inner=True, reweight="mail", awp_gamma=0.005, iseat=0.1)],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "base")
+def test_target_gradient_does_not_depend_on_y_with_dynamic_labels(kw):
+    target, guide = make_models()
+    x, y = make_batch()
+    y2 = (y + torch.randint(1, C, y.shape, generator=torch.Generator().manual_seed(5))) % C
+    assert (y2 != y).all()
+    out = []
+    for labels in (y, y2):
+        loss, stats, t, g = call_loss(target, guide, x, labels, seed=11, **kw)
+        loss.backward()
+        out.append((stats, grads(t), grads(g)))
+    (s1, t1, g1), (s2, t2, g2) = out
+    assert all(torch.equal(a, b) for a, b in zip(t1, t2))
+    assert torch.equal(s1["loss_target"], s2["loss_target"])
+    assert not all(torch.equal(a, b) for a, b in zip(g1, g2))  # the guide's CE (Eq. 4) does see y
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_target_gradient_depends_on_y_with_true_labels(inner):
+    target, _ = make_models()
+    x, y = make_batch()
+    y2 = (y + 1) % C
+    out = []
+    for labels in (y, y2):
+        loss, _, t, _ = call_loss(target, None, x, labels, seed=11, labels="true", inner=inner)
+        loss.backward()
+        out.append(grads(t))
+    assert not all(torch.equal(a, b) for a, b in zip(*out))
+
+
+# ----------------------------------------------------------------------------- 5. --labels true builds no guide
+
+def test_main_labels_true_builds_and_saves_no_guide(tmp_path, monkeypatch):
+    built = []
+    real_build = dynat.build_model
+    monkeypatch.setattr(dynat, "build_model", lambda name, classes: built.append(name) or real_build(name, classes))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = dynat.main(["--dataset", "synthetic", "--labels", "true", "--target", "wrn-10-1", "--epochs", "1",
+                         "--batch-size", "32", "--num-steps", "2", "--dry-run", "--out-dir", str(tmp_path / "o"),
+                         "--eval-pgd-n", "8", "--device", "cpu"])
+    finally:
+        for s, h in handlers.items():  # run() installs its own SIGINT/SIGTERM handlers
+            signal.signal(s, h)
+    assert rc == 0
+    assert built == ["wrn-10-1"]  # the target only (the default --guide resnet18 is never built)
+    ckpt = torch.load(tmp_path / "o" / "last.pt", weights_only=True)
+    assert ckpt["guide"] is None
+    assert set(ckpt["target"]) == set(models.build_model("wrn-10-1", 10).state_dict())
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["target"])
+    assert ckpt["args"]["labels"] == "true"
+
+
+# ----------------------------------------------------------------------------- 6. AWP
+
+def awp_setup(dtype=torch.float32, alpha=0.0, beta=1.0, labels="true"):
+    target, _ = make_models(dtype=dtype)
+    x, y = make_batch(dtype=dtype)
+    torch.manual_seed(2)
+    x_adv, _ = dynat.perturb(target, x, y, **ATTACK)
+    kw = dict(beta=beta, alpha=alpha, labels=labels)
+    return target, x, x_adv, y, kw
+
+
+def proxy_perturbation(target, x, x_adv, y, gamma, lr=0.01, **terms):
+    """AWP with a literal proxy (Wu et al. 2020): a copy takes one plain SGD step that increases
+    the target's loss; v = ||w|| d / (||d|| + 1e-20) with d = w_proxy - w; returns gamma * v."""
+    proxy = copy.deepcopy(target).train()
+    optimizer = torch.optim.SGD(proxy.parameters(), lr=lr)
+    loss, _ = dynat.target_loss(proxy, x, x_adv, y, **terms)
+    optimizer.zero_grad()
+    (-loss).backward()
+    optimizer.step()
+    w, w_proxy = dict(target.named_parameters()), dict(proxy.named_parameters())
+    out = {}
+    for n in weight_keys(target):
+        d = w_proxy[n].detach() - w[n].detach()
+        out[n] = gamma * w[n].detach().norm() * d / (d.norm() + 1e-20)
+    return out
+
+
+def test_awp_perturbation_norms_and_which_parameters():
+    target, x, x_adv, y, kw = awp_setup()
+    with dynat.frozen_bn_stats(target):
+        loss, _ = dynat.target_loss(target, x, x_adv, y, **kw)
+        delta = dynat.awp_perturbation(target, loss, 0.005)  # BN's backward needs the stats it saw
+    params = dict(target.named_parameters())
+    assert set(delta) == weight_keys(target)
+    assert {"conv1.weight", "fc.weight", "block1.layer.0.conv1.weight"} <= set(delta)
+    assert not any(".bn" in n or n.startswith("bn") or n.endswith(".bias") for n in delta)
+    for n, d in delta.items():
+        assert d.shape == params[n].shape and not d.requires_grad
+        assert d.norm().item() == pytest.approx(0.005 * params[n].norm().item(), rel=1e-5)
+    assert all(p.grad is None for p in target.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(alpha=1.0, beta=0.2), dict(labels="dynamic", alpha=1.0, beta=6.0)],
+                         ids=["ce", "ce+kl", "dynamic-beta6"])
+def test_awp_equals_literal_proxy(kw):
+    target, x, x_adv, y, base = awp_setup(dtype=torch.float64)  # w_proxy - w is exact in float64
+    kw = {**base, **kw}
+    expected = proxy_perturbation(target, x, x_adv, y, 0.005, **kw)
+    with dynat.frozen_bn_stats(target):
+        loss, _ = dynat.target_loss(target, x, x_adv, y, **kw)
+        delta = dynat.awp_perturbation(target, loss, 0.005)
+    assert set(delta) == set(expected)
+    for n in delta:
+        torch.testing.assert_close(delta[n], expected[n], rtol=1e-6, atol=1e-12)
+    # the proxy's learning rate cancels
+    other = proxy_perturbation(target, x, x_adv, y, 0.005, lr=0.1, **kw)
+    for n in delta:
+        torch.testing.assert_close(delta[n], other[n], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=1.0, beta=0.2), dict(inner=True, labels="lbgat"),
+                                dict(inner=True, labels="true", label_smoothing=0.1, alpha=1.0)],
+                         ids=["kl-alpha1-beta0.2", "lbgat-inner", "true-inner-ls"])
+def test_awp_inside_dynat_loss_equals_literal_proxy(spy, kw):
+    """dynat_loss's delta is the proxy step on the target's own training loss (same labels and
+    terms), and the target term is evaluated at exactly w + delta."""
+    target, guide = make_models(dtype=torch.float64)
+    x, y = make_batch(dtype=torch.float64)
+    loss, stats, _, _ = call_loss(target, guide, x, y, awp_gamma=0.005, **kw)
+    labels = kw.get("labels", "dynamic")
+    terms = dict(beta=kw.get("beta", 1.0), alpha=kw.get("alpha", 0.0), labels=labels,
+                 label_smoothing=kw.get("label_smoothing", 0.0))
+    if labels == "lbgat":
+        terms["logits_guide"] = copy.deepcopy(guide)(x).detach().float()
+    expected = proxy_perturbation(target, x, spy["x_adv"], spy["y_attack"], 0.005, **terms)
+    for n in expected:
+        torch.testing.assert_close(spy["delta"][n], expected[n], rtol=1e-6, atol=1e-12)
+    perturbed = copy.deepcopy(target)
+    with torch.no_grad():
+        for n, p in perturbed.named_parameters():
+            if n in expected:
+                p.add_(expected[n])
+    ref, _ = dynat.target_loss(perturbed, x, spy["x_adv"], spy["y_attack"], **terms)
+    torch.testing.assert_close(stats["loss_target"], ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_awp_with_a_frozen_weight_matches_proxy():
+    target, x, x_adv, y, kw = awp_setup(dtype=torch.float64)
+    target.conv1.weight.requires_grad_(False)  # e.g. a frozen stem while fine-tuning
+    expected = proxy_perturbation(target, x, x_adv, y, 0.005, **kw)
+    with dynat.frozen_bn_stats(target):
+        loss, _ = dynat.target_loss(target, x, x_adv, y, **kw)
+        delta = dynat.awp_perturbation(target, loss, 0.005)
+    for n, e in expected.items():
+        torch.testing.assert_close(delta.get(n, torch.zeros_like(e)), e, rtol=1e-6, atol=1e-12)
+
+
+def test_target_loss_weights_delta_is_exact_and_leaves_weights_alone():
+    target, x, x_adv, y, kw = awp_setup()
+    torch.manual_seed(4)
+    delta = {n: 0.01 * torch.randn_like(p) for n, p in target.named_parameters() if p.ndim > 1}
+    weights = {n: p.detach().clone() for n, p in target.named_parameters()}
+    loss, logits = dynat.target_loss(target, x, x_adv, y, weights_delta=delta, **kw)
+    written = copy.deepcopy(target)
+    with torch.no_grad():
+        for n, p in written.named_parameters():
+            if n in delta:
+                p.add_(delta[n])
+    loss_ref, logits_ref = dynat.target_loss(written, x, x_adv, y, **kw)
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p, weights[n]) for n, p in target.named_parameters())
+    plain, _ = dynat.target_loss(target, x, x_adv, y, **kw)
+    assert not torch.allclose(plain, loss)  # the delta did change the forward
+    loss.backward()  # the gradient reaches w through w + delta
+    assert all(p.grad is not None for p in target.parameters())
+
+
+def test_frozen_bn_stats_restores_running_statistics():
+    target, _ = make_models()
+    x, _ = make_batch()
+    before = {n: b.clone() for n, b in target.named_buffers()}
+    with dynat.frozen_bn_stats(target):
+        target(x)
+        assert not torch.equal(target.bn1.running_mean, before["bn1.running_mean"])  # the forward moved them
+    assert set(dict(target.named_buffers())) == set(before)
+    assert all(torch.equal(b, before[n]) for n, b in target.named_buffers())
+    with pytest.raises(RuntimeError), dynat.frozen_bn_stats(target):  # also restored on an exception
+        target(x)
+        raise RuntimeError
+    assert all(torch.equal(b, before[n]) for n, b in target.named_buffers())
+
+
+# ----------------------------------------------------------------------------- 7. GAIRAT and MAIL weights
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_gairat_weights_mean_one_and_decrease_with_kappa(k):
+    kappa = torch.arange(k + 1)
+    w = dynat.gairat_weights(kappa, k, -1.0)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert (w[1:] < w[:-1]).all()  # robust (high kappa) examples weigh less
+    raw = 0.5 * (1 + torch.tanh(-1.0 + 5 * (1 - 2 * kappa.float() / k)))
+    torch.testing.assert_close(w, raw / raw.mean())
+    w_batch = dynat.gairat_weights(torch.tensor([0, k, k, k]), k, -1.0)
+    assert w_batch[0] > 1 > w_batch[1] and w_batch.mean().item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_mail_weights_mean_one_and_increase_with_margin(classes):
+    b = 12
+    z = torch.zeros(b, classes)
+    y = torch.randint(0, classes, (b,), generator=torch.Generator().manual_seed(0))
+    z[torch.arange(b), y] = torch.linspace(6.0, -6.0, b)  # p_y falls: PM = max_{j != y} p_j - p_y rises
+    other = (y + 1) % classes
+    z[torch.arange(b), other] = 1.0
+    w = dynat.mail_weights(z, y, -0.5, 10.0)
+    assert w.shape == (b,)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert (w[1:] > w[:-1]).all()
+    p = F.softmax(z, 1)
+    pm = p[torch.arange(b), other] - p[torch.arange(b), y]
+    raw = torch.sigmoid(10.0 * (pm - 0.5))
+    torch.testing.assert_close(w, raw / raw.mean())
+
+
+def test_mail_weights_ignore_gradient_and_use_largest_other_class():
+    z = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    w = dynat.mail_weights(z, y, 0.0, 1.0)
+    assert not w.requires_grad
+    p = F.softmax(z.detach(), 1)
+    raw = torch.sigmoid(torch.stack([p[0, 2] - p[0, 0], p[1, 2] - p[1, 1]]))
+    torch.testing.assert_close(w, raw / raw.mean())
+
+
+# ----------------------------------------------------------------------------- 8. learning-rate schedule
+
+@pytest.mark.parametrize("epoch,lr", [(1, 0.02), (2, 0.1), (75, 0.1), (76, 0.01), (90, 0.01), (91, 0.001),
+                                      (100, 0.001)])
+def test_learning_rate_100_epochs(epoch, lr):
+    assert dynat.learning_rate(epoch, 0.1, 100) == pytest.approx(lr, rel=1e-12)
+
+
+@pytest.mark.parametrize("epoch,lr", [(1, 0.02), (2, 0.1), (7, 0.1), (8, 0.01), (9, 0.01), (10, 0.001)])
+def test_learning_rate_milestones_scale_with_epochs(epoch, lr):
+    assert dynat.learning_rate(epoch, 0.1, 10) == pytest.approx(lr, rel=1e-12)
+
+
+def test_loss_settings_switch_variants_on_at_their_epochs():
+    args = dynat.get_parser().parse_args(["--awp", "--reweight", "gairat", "--iseat", "0.1", "--epsilon", "0.031",
+                                          "--step-size", "2/255", "--inner", "--alpha", "1", "--beta", "0.2"])
+    early, warm, late = (dynat.loss_settings(args, e) for e in (9, 10, 70))
+    assert early["awp_gamma"] == 0.0 and warm["awp_gamma"] == 0.005  # --awp-warmup 10
+    assert warm["reweight"] == "none" and warm["iseat"] == 0.0  # --reweight-start 70
+    assert late["reweight"] == "gairat" and late["iseat"] == 0.1 and late["awp_gamma"] == 0.005
+    assert late["epsilon"] == 0.031 and late["step_size"] == pytest.approx(2 / 255)
+    assert late["inner"] and late["alpha"] == 1.0 and late["beta"] == 0.2 and late["num_steps"] == 10
+    assert set(late) <= set(dynat.dynat_loss.__code__.co_varnames)  # every setting is a dynat_loss argument
+    defaults = dynat.get_parser().parse_args([])
+    assert dynat.loss_settings(defaults, 100)["awp_gamma"] == 0.0  # no --awp: never
+    assert defaults.epsilon == pytest.approx(8 / 255) and defaults.labels == "dynamic"
+
+
+# ----------------------------------------------------------------------------- 9. models
+
+@pytest.mark.parametrize("name,count", [("resnet18", 11_173_962), ("wrn-34-10", 46_160_474)])
+def test_parameter_counts(name, count):
+    assert sum(p.numel() for p in models.build_model(name, 10).parameters()) == count
+
+
+@pytest.mark.parametrize("name", ["wrn-10-1", "wrn-16-2"])
+@pytest.mark.parametrize("size,classes", [(32, 10), (64, 10), (32, 100)])
+def test_model_output_shapes(name, size, classes):
+    torch.manual_seed(0)
+    model = models.build_model(name, classes)
+    out = model(torch.rand(2, 3, size, size))
+    assert out.shape == (2, classes) and torch.isfinite(out).all()
+    assert not any(k.startswith("sub_block1") for k in model.state_dict())
+
+
+def test_resnet18_forward_shape():
+    torch.manual_seed(0)
+    assert models.build_model("resnet18", 100)(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("name", ["wrn-12-2", "wrn-34-0", "wrn-4-1", "foo", "resnet-18", "wrn-34"])
+def test_invalid_architecture_names_raise_value_error(name):
+    with pytest.raises(ValueError):
+        models.build_model(name, 10)
+    with pytest.raises(ValueError):
+        models.check_arch(name)
+
+
+def test_remap_state_dict_strips_prefixes_and_drops_sub_block1():
+    torch.manual_seed(0)
+    model = models.build_model("wrn-10-1", 10)
+    own = model.state_dict()
+    foreign = {}
+    for i, (k, v) in enumerate(own.items()):
+        foreign[("module.", "_orig_mod.", "module._orig_mod.")[i % 3] + k] = v
+    foreign["module.sub_block1.layer.0.conv1.weight"] = torch.zeros(1)
+    foreign["sub_block1.layer.0.bn1.weight"] = torch.zeros(1)
+    out, notes = models.remap_state_dict(foreign)
+    assert list(out) == list(own)
+    assert all(out[k] is own[k] for k in own)
+    text = " ".join(notes)
+    assert "module." in text and "_orig_mod." in text and "sub_block1" in text and "2" in text
+    models.build_model("wrn-10-1", 10).load_state_dict(out, strict=True)
+    same, notes = models.remap_state_dict(own)
+    assert list(same) == list(own) and notes == []
+
+
+# ----------------------------------------------------------------------------- 10. ISEAT
+
+def test_iseat_weights_are_ranks_over_batch():
+    torch.testing.assert_close(dynat.iseat_weights(torch.tensor([0.3, -1.0, 2.0])),
+                               torch.tensor([2 / 3, 1 / 3, 1.0]))
+    v = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    w = dynat.iseat_weights(v)
+    assert sorted((w * 50).round().long().tolist()) == list(range(1, 51))
+    assert torch.equal(v.argsort(), w.argsort())
+
+
+@pytest.mark.parametrize("labels", ["dynamic", "true", "lbgat"])
+def test_iseat_term_zero_without_any_perturbation(labels):
+    target, guide = make_models()
+    x, y = make_batch()
+    _, stats, _, _ = call_loss(target, guide, x, y, labels=labels, iseat=0.1, epsilon=0.0)
+    assert stats["loss_iseat"].item() == 0.0
+    _, stats, _, _ = call_loss(target, guide, x, y, labels=labels, iseat=0.1)  # x' != x
+    assert stats["loss_iseat"].item() > 0
+    _, stats, _, _ = call_loss(target, guide, x, y, labels=labels, iseat=0.1, epsilon=0.0, awp_gamma=0.005)
+    assert stats["loss_iseat"].item() > 0  # the weight perturbation alone moves the logits
+
+
+@pytest.mark.parametrize("awp_gamma", [0.0, 0.005])
+def test_iseat_term_value_and_gradient_through_both_logit_sets(spy, awp_gamma):
+    target, guide = make_models()
+    x, y = make_batch()
+    lam = 0.1
+    base, _, t0, _ = call_loss(target, guide, x, y, seed=9, inner=True, awp_gamma=awp_gamma)
+    base.backward()
+    loss, stats, t1, _ = call_loss(target, guide, x, y, seed=9, inner=True, awp_gamma=awp_gamma, iseat=lam)
+    loss.backward()
+    iseat_grad = [a.grad - b.grad for a, b in zip(t1.parameters(), t0.parameters())]
+
+    def term(detach_clean):
+        t = copy.deepcopy(target)
+        delta = spy.get("delta") if awp_gamma > 0 else {}
+        params = {n: p + delta[n] for n, p in t.named_parameters() if n in delta}
+        z_adv = functional_call(t, params, (spy["x_adv"],))
+        z_nat = t(x)
+        y_t = spy["y_attack"]
+        av = (F.cross_entropy(z_adv, y_t, reduction="none") - F.cross_entropy(z_nat, y_t, reduction="none")).detach()
+        w = (av.argsort().argsort() + 1).float() / len(av)
+        z_nat = z_nat.detach() if detach_clean else z_nat
+        value = lam * (w * (z_adv - z_nat).pow(2).sum(1)).mean()
+        return value, torch.autograd.grad(value, list(t.parameters()))
+
+    value, ref_grad = term(detach_clean=False)
+    torch.testing.assert_close(stats["loss_iseat"], value.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), base.detach() + value.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(iseat_grad, ref_grad):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    _, half_grad = term(detach_clean=True)  # the test can tell a one-sided gradient apart
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(iseat_grad, half_grad))
+
+
+def test_iseat_composes_with_awp_and_every_variant():
+    target, guide = make_models()
+    x, y = make_batch()
+    loss, stats, t, g = call_loss(target, guide, x, y, inner=True, alpha=1.0, awp_gamma=0.005, iseat=0.1,
+                                  reweight="mail", label_smoothing=0.1)
+    assert torch.isfinite(loss) and stats["loss_iseat"] > 0
+    loss.backward()
+    for p in itertools.chain(t.parameters(), g.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert any(p.grad.abs().sum() > 0 for p in t.parameters())
