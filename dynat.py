@@ -26,7 +26,6 @@ import signal
 import sys
 import time
 import zipfile
-from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -50,7 +49,8 @@ class NonFiniteLoss(Exception):
 def fraction(text):
     """Parse '8/255' or '0.031' as a float (argparse type for epsilon and step size)."""
     try:
-        return float(Fraction(text.strip()))
+        numerator, _, denominator = text.strip().partition("/")
+        return float(numerator) / float(denominator or 1)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
 
@@ -498,7 +498,7 @@ def correct_mask(model, x, y, *, device, batch_size=256, attack=None, amp=None, 
                 progress.update(len(yb))
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
 def loss_settings(args, epoch):
@@ -514,11 +514,11 @@ def loss_settings(args, epoch):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_atomic(obj, path):
-    """torch.save through a temp file, fsync and rename: a kill at any moment leaves the old file."""
+def write_atomic(path, write, mode="wb"):
+    """write(file) into a temp file, fsync, rename: a kill at any moment leaves the old file whole."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -527,6 +527,11 @@ def save_atomic(obj, path):
         os.fsync(fd)  # make the rename itself durable
     finally:
         os.close(fd)
+
+
+def save_atomic(obj, path):
+    """torch.save(obj, path) through write_atomic."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):
@@ -717,7 +722,10 @@ def evaluate_epoch(target, guide, data, args, device, amp, channels_last):
     pgd10 = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=10, loss="ce", start="uniform")
     return {"guide_clean_acc": acc(guide, x_test, y_test) if guide is not None else None,
             "target_clean_acc": acc(target, x_test, y_test),
-            "target_pgd_acc": acc(target, x_pgd[:n], y_pgd[:n], attack=pgd10),
+            # robust = correct clean and under attack, evaluate.py's convention
+            "target_pgd_acc": (correct_mask(target, x_pgd[:n], y_pgd[:n], **common)
+                               & correct_mask(target, x_pgd[:n], y_pgd[:n], attack=pgd10, **common)
+                               ).float().mean().item(),
             "pgd_split": "val" if val is not None else "test", "pgd_n": n}
 
 
@@ -847,19 +855,21 @@ def run(args):
             names = ["loss_guide", "loss_target"] + (["loss_iseat"] if "loss_iseat" in stats else [])
             values = torch.stack([stats[k].float() for k in names]
                                  + [stats.get("dyn_correct", y.new_zeros(())).float(), y.new_tensor(len(y)).float()])
-            if world > 1:
-                dist.all_reduce(values)  # sums over processes (losses are averaged below)
-            values = values.tolist()
-            for name, v in zip(names, values):
-                if not math.isfinite(v):
-                    raise NonFiniteLoss(f"{name} is {v} at epoch {epoch}, batch {step + 1}; "
-                                        f"{last_path} holds the last good state")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if world > 1:
                 sync_replicas(models, world, grads=True, buffers=not args.sync_bn)
             scaler.step(optimizer)
             scaler.update()
+            if world > 1:
+                dist.all_reduce(values)  # sums over processes (losses are averaged below)
+            # The step's one host sync, after the update is queued so a GPU never waits on it. A
+            # non-finite loss stops the run before anything is saved: last.pt stays the last good state.
+            values = values.tolist()
+            for name, v in zip(names, values):
+                if not math.isfinite(v):
+                    raise NonFiniteLoss(f"{name} is {v} at epoch {epoch}, batch {step + 1}; "
+                                        f"{last_path} holds the last good state")
             sums["loss_guide"] += values[0] / world
             sums["loss_target"] += values[1] / world
             sums["dyn_correct"] += values[-2]
@@ -867,7 +877,7 @@ def run(args):
             bar.update(1)
             bar.set_postfix(loss=f"{(values[0] + values[1]) / world:.3f}",
                             dyn_acc=f"{sums['dyn_correct'] / sums['seen']:.3f}")
-            flag = torch.tensor([stop["signal"] or 0])
+            flag = torch.tensor([stop["signal"] or 0], device=device)  # NCCL reduces device tensors only
             if world > 1:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every process stops at the same batch
             if flag.item():

@@ -1,0 +1,371 @@
+"""Evaluate a dynat.py checkpoint under the attacks of the paper's tables (SPEC 6, Tables 1-4).
+
+  python evaluate.py runs/dynat/last.pt                                 # Clean, PGD-10/20/50, C&W-20, AA
+  python evaluate.py runs/dynat/last.pt --attacks aa --n 1000 --epsilon 0.031   # the released script's AA
+  python evaluate.py trades.pt --arch wrn-34-10 --dataset cifar10       # a plain state_dict from elsewhere
+
+Threat model: white box, L-inf ball of radius eps = 8/255 around [0, 1] pixels. A test point counts as
+robust under an attack only if the model classifies it correctly clean *and* at every point the attack
+returned (every restart), AutoAttack's convention; so no column exceeds Clean.
+  PGD-k, C&W-k   dynat.perturb, the training attack: k signed steps of --step-size from a uniform
+                 start in the eps-ball, on CE / on the margin loss -(z_y - max_{j!=y} z_j)
+  APGD-CE, APGD-T, FAB-T, Square   AutoAttack's components with its "standard" settings
+  AA             AutoAttack "standard": the four above in turn, each on the points still robust
+  All            mean over the attack columns (the paper's "All", Table 1)
+  Worst          per-example worst case: robust only if a point survives every attack run
+Writes to --out-dir: results.md (the table), results.json, per_example.npz (one bool per test image
+and attack) and autoattack_<attack>.json (AutoAttack's flags, saved after every batch). An
+interrupted run continues with --resume: finished attacks are kept, AutoAttack goes on from its last
+batch, and since every attack is reseeded with --seed the numbers are those of an uninterrupted run.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import pyautoattack
+import torch
+
+import dynat
+from models import ARCH_HELP, build_model
+
+AA_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack "standard", in its order
+AUTOATTACK = AA_STAGES + ("aa",)
+COLUMNS = {"clean": "Clean", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square",
+           "aa": "AA"}
+# --resume refuses an out-dir evaluated with other values of these: they change the numbers.
+SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "n", "epsilon", "step_size", "restarts", "seed", "amp")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Robust accuracy of a DYNAT checkpoint (the paper's table columns).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("checkpoint", help="last.pt / best.pt written by dynat.py, or a plain state_dict (then --arch, --dataset)")
+    a("--model", default="target", choices=["target", "guide"], help="which model of the checkpoint: f_t or f_g")
+    a("--attacks", default="clean,pgd10,pgd20,pgd50,cw20,aa",
+      help="comma list of clean, pgdK, cwK (any K), apgd-ce, apgd-t, fab-t, square, aa; clean always runs")
+    a("--epsilon", type=dynat.fraction, default=8 / 255, help="L-inf radius epsilon, e.g. 8/255 or 0.031")
+    a("--step-size", type=dynat.fraction, default=2 / 255, help="PGD / C&W step size alpha")
+    a("--restarts", type=int, default=1, help="PGD / C&W random starts; robust = survives all of them")
+    a("--seed", type=int, default=0, help="seed of the random starts (every attack is reseeded with it)")
+    a("--n", type=int, default=None, help="evaluate the first N test images (unset: the whole test set)")
+    a("--batch-size", type=int, default=256, help="images per attack batch")
+    a("--amp", default="none", choices=["none", "bf16", "fp16"],
+      help="autocast precision of PGD / C&W (AutoAttack always runs in float32)")
+    a("--dataset", default=None, choices=["cifar10", "cifar100", "imagefolder", "synthetic"],
+      help="test data (unset: the checkpoint's; required for a plain state_dict)")
+    a("--data-dir", default=None, help="where the dataset lives (unset: the checkpoint's, else ./data)")
+    a("--arch", default=None, help=f"architecture of a plain state_dict: {ARCH_HELP}")
+    a("--workers", type=int, default=2, help="processes decoding an ImageFolder once at start-up")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--out-dir", default=None, help="where results go (unset: <checkpoint dir>/eval_<checkpoint name>_<model>)")
+    a("--resume", action="store_true", help="continue the evaluation in --out-dir (finished attacks are kept)")
+    a("--overwrite", action="store_true", help="start again in an --out-dir that holds an earlier evaluation")
+    return p
+
+
+def parse_attacks(text):
+    """'clean,pgd10,cw20,aa' -> ['pgd10', 'cw20', 'aa']: validated, deduplicated, clean left out."""
+    names = []
+    for name in (s.strip().lower() for s in text.split(",")):
+        if name in ("", "clean") or name in names:
+            continue
+        if name not in AUTOATTACK and not re.fullmatch(r"(pgd|cw)[1-9]\d*", name):
+            raise dynat.UsageError(f"--attacks: unknown attack {name!r}; expected clean, pgdK, cwK (K >= 1), "
+                                   + ", ".join(AUTOATTACK))
+        names.append(name)
+    return names
+
+
+def column(name):
+    """Table header of an attack: pgd20 -> PGD-20, cw20 -> C&W-20, aa -> AA."""
+    m = re.fullmatch(r"(pgd|cw)(\d+)", name)
+    return f"{'PGD' if m[1] == 'pgd' else 'C&W'}-{m[2]}" if m else COLUMNS[name]
+
+
+def file_sha256(path):
+    """Names the weights evaluated: --resume refuses an out-dir evaluated on other weights."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fmt_eps(v):
+    """8/255 when v is a whole number of grey levels (how the paper writes it), else the decimal."""
+    k = round(v * 255)
+    return f"{k}/255" if k and abs(v * 255 - k) < 1e-9 else f"{v:g}"
+
+
+# ----------------------------------------------------------------------------- model and data
+
+def resolve_checkpoint(args, log):
+    """(state_dict, arch, dataset, data_dir, classes) of the model to evaluate; classes None = the data's."""
+    ckpt = dynat.load_checkpoint(args.checkpoint)
+    if not isinstance(ckpt, dict):
+        raise dynat.UsageError(f"{args.checkpoint}: not a checkpoint (holds a {type(ckpt).__name__})")
+    if "args" in ckpt:  # written by dynat.py: architecture, data and class count come from its flags
+        try:
+            saved = ckpt["args"]
+            state, arch, classes = ckpt[args.model], args.arch or saved[args.model], ckpt["classes"]
+            dataset, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
+        except (KeyError, TypeError) as e:
+            raise dynat.UsageError(f"{args.checkpoint}: not a dynat.py checkpoint (no {e})")
+        if state is None:
+            raise dynat.UsageError(f"{args.checkpoint} holds no {args.model} model (trained with --labels true)")
+        return state, arch, dataset, data_dir, classes
+    # A plain state_dict from another codebase: the user says what it is.
+    if not (args.arch and args.dataset):
+        raise dynat.UsageError(f"{args.checkpoint} is a plain state_dict (no saved args): pass --arch and --dataset")
+    if isinstance(ckpt.get("state_dict"), dict):
+        log(f"{args.checkpoint}: using its 'state_dict' entry")
+        ckpt = ckpt["state_dict"]
+    return ckpt, args.arch, args.dataset, args.data_dir or "./data", None
+
+
+# ----------------------------------------------------------------------------- attacks
+
+def pgd(model, x, y, robust, attack, *, restarts, bar, **common):
+    """Robust flags under dynat.perturb(**attack) with `restarts` random starts. Each restart attacks
+    only the points still robust, so a point stays robust only if it survives every restart."""
+    robust = robust.clone()
+    for _ in range(restarts):
+        idx = robust.nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        bar.total += len(idx)
+        robust[idx] = dynat.correct_mask(model, x[idx], y[idx], attack=attack, progress=bar, **common)
+    return robust
+
+
+def autoattack(model, x, y, robust, name, *, epsilon, seed, batch_size, device, classes, state_path, bar):
+    """Robust flags under AutoAttack "standard" (name "aa") or one of its stages, in float32.
+
+    This is run_standard_evaluation's own loop, one library call per batch and stage: each stage
+    attacks the points still robust, in batches of `batch_size` in index order, with the library's
+    seeding, so the flags are those of one standard call (a test checks it). Doing the loop here
+    lets the flags be saved to `state_path` after every batch, so an interrupted run continues
+    exactly where it stopped. (pyautoattack 0.2.0's own state file cannot be resumed: it stores the
+    attack set as a str() it then fails to match, and a restored run crashes on an unset y_adv.)"""
+    state = {"done": [], "pending": None, "robust": robust.tolist()}
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+    robust = torch.tensor(state["robust"])
+    aa = pyautoattack.AutoAttack(model, norm="Linf", eps=epsilon, version="standard", seed=seed, device=device)
+    # The standard 9 target classes need 10 classes; with fewer, APGD-T/FAB-T would index past the logits.
+    aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, classes - 1)
+    for stage in AA_STAGES if name == "aa" else [name]:
+        if stage in state["done"]:
+            continue
+        # One stage with the "standard" settings, as the library's run_standard_evaluation_individual
+        # does (version="custom" would give APGD-CE 5 restarts instead of 1).
+        aa.attacks_to_run = [stage]
+        pending = (robust.nonzero().squeeze(1) if state["pending"] is None
+                   else torch.tensor(state["pending"], dtype=torch.long))
+        robust_before = int(robust.sum())
+        bar.total += len(pending)
+        bar.set_postfix_str(stage)
+        while len(pending):
+            batch, pending = pending[:batch_size], pending[batch_size:]
+            y_batch = y[batch].to(device)
+            # y_adv: predictions on x_adv, the clean point where the stage found nothing.
+            _, y_adv = aa.run_standard_evaluation(dynat.to_input(x[batch], device), y_batch, batch_size=len(batch))
+            robust[batch] = (y_adv == y_batch).cpu()
+            state.update(robust=robust.tolist(), pending=pending.tolist())
+            dynat.write_atomic(state_path, lambda f: json.dump(state, f), "w")
+            bar.update(len(batch))
+        state.update(done=state["done"] + [stage], pending=None)
+        dynat.write_atomic(state_path, lambda f: json.dump(state, f), "w")
+        if name == "aa" and stage == "square" and robust_before - int(robust.sum()) > 0.002 * len(robust):
+            # AutoAttack's check_square_sr: a black-box attack beating the gradient attacks.
+            bar.write(f"warning: Square broke {robust_before - int(robust.sum())} points that survived the "
+                      "gradient attacks: gradient masking? (the AA number may overstate robustness)", file=sys.stderr)
+    return robust
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def summary(masks):
+    """Per-attack accuracy, the paper's "All" (mean over the attacks, clean excluded) and the
+    per-example worst case (robust only against every attack; clean alone if none ran)."""
+    accuracy = {name: m.double().mean().item() for name, m in masks.items()}
+    attacks = [name for name in masks if name != "clean"]
+    worst = torch.stack(list(masks.values())).all(0)
+    mean = sum(accuracy[a] for a in attacks) / len(attacks) if attacks else None
+    return accuracy, mean, worst
+
+
+def table(meta, accuracy, mean, worst):
+    """Markdown header, separator and row in the paper's layout (percent, two decimals), plus Worst."""
+    names = list(accuracy)
+    head = ["Model"] + [column(a) for a in names] + (["All"] if mean is not None else []) + ["Worst"]
+    values = [accuracy[a] for a in names] + ([mean] if mean is not None else []) + [worst.double().mean().item()]
+    label = f"{os.path.basename(meta['checkpoint'])} [{meta['model']}: {meta['arch']}]"
+    return ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|",
+            "| " + " | ".join([label] + [f"{100 * v:.2f}" for v in values]) + " |"]
+
+
+def save_outputs(out_dir, meta, masks, seconds, complete):
+    """results.json, per_example.npz and results.md, rewritten after every attack."""
+    accuracy, mean, worst = summary(masks)
+    arrays = {a: m.numpy() for a, m in masks.items()}
+    # The arrays first: --resume trusts an attack only once results.json lists it.
+    dynat.write_atomic(os.path.join(out_dir, "per_example.npz"), lambda f: np.savez(f, **arrays, worst=worst.numpy()), "wb")
+    results = dict(meta, accuracy=accuracy, all=mean, worst=worst.double().mean().item(),
+                   seconds={a: round(s, 3) for a, s in seconds.items()}, complete=complete)
+    dynat.write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(results, f, indent=1), "w")
+    lines = table(meta, accuracy, mean, worst)
+    header = (f"{meta['dataset']}, first {meta['n']} of {meta['n_test']} test images, L-inf eps = "
+              f"{fmt_eps(meta['epsilon'])}, PGD/C&W step {fmt_eps(meta['step_size'])}, {meta['restarts']} "
+              f"restart(s), seed {meta['seed']}, amp {meta['amp']}; accuracy in %")
+    dynat.write_atomic(os.path.join(out_dir, "results.md"), lambda f: f.write("\n".join([header, ""] + lines) + "\n"), "w")
+    return header, lines
+
+
+# ----------------------------------------------------------------------------- main
+
+def run(args):
+    from tqdm import tqdm
+
+    log = lambda *a: print(*a, flush=True)
+    for name in ("epsilon", "step_size"):
+        if not 0 < getattr(args, name) <= 1:
+            raise dynat.UsageError(f"--{name.replace('_', '-')} must be in (0, 1] (pixels are in [0, 1]), "
+                                   f"got {getattr(args, name):g}")
+    for name in ("n", "restarts", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise dynat.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise dynat.UsageError(f"--workers must be >= 0, got {args.workers}")
+    attacks = parse_attacks(args.attacks)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise dynat.UsageError("evaluate.py runs in one process: start it with python, not torchrun")
+    _, _, device = dynat.init_processes(args.device)
+    # float32 means float32: cuDNN's default TF32 convolutions keep 10 mantissa bits.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    amp = dynat.amp_dtype(args.amp, device)
+    channels_last = device.type == "cuda"
+
+    state, arch, dataset, data_dir, classes = resolve_checkpoint(args, log)
+    data = dynat.load_data(dataset, data_dir, args.workers)
+    if classes is not None and classes != data["classes"]:
+        raise dynat.UsageError(f"{args.checkpoint} has {classes} classes, {dataset} at {data_dir} "
+                               f"has {data['classes']}")
+    classes = data["classes"]
+    try:
+        model = build_model(arch, classes)
+    except ValueError as e:
+        raise dynat.UsageError(f"--arch: {e}")
+    dynat.load_weights(model, state, f"{args.checkpoint} [{args.model}]", log)  # strict: exact keys and shapes
+    # Only input gradients are needed; frozen weights also keep FAB's backward from filling .grad.
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.eval().requires_grad_(False)
+
+    x_test, y_test = data["test"]
+    n_test = len(y_test)
+    if n_test == 0:
+        raise dynat.UsageError(f"{dataset} at {data_dir}: no test images")
+    n = min(args.n or n_test, n_test)
+    x, y = x_test[:n], y_test[:n]
+    # Sanity checks before attacking: eval mode everywhere (BatchNorm on running statistics) and the
+    # threat model's pixel range (the models see unnormalised [0, 1] inputs).
+    if any(m.training for m in model.modules()):
+        raise dynat.UsageError(f"{arch}: a submodule stays in train mode after model.eval()")
+    probe = dynat.to_input(x[:args.batch_size], device)
+    if x.dtype != torch.uint8 or probe.min() < 0 or probe.max() > 1:
+        raise dynat.UsageError(f"{dataset}: test inputs are not [0, 1] pixels (dtype {x.dtype})")
+
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                           f"eval_{stem}_{args.model}")
+    results_path = os.path.join(out_dir, "results.json")
+    meta = {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint),
+            "model": args.model, "arch": arch, "dataset": dataset, "classes": classes, "n": n, "n_test": n_test,
+            "epsilon": args.epsilon, "step_size": args.step_size, "restarts": args.restarts, "seed": args.seed,
+            "amp": args.amp, "batch_size": args.batch_size, "attacks": ["clean"] + attacks, "device": str(device),
+            "versions": {"torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
+                         "python": sys.version.split()[0]}}
+    done, seconds = {}, {}
+    earlier = os.path.isfile(results_path) or glob.glob(os.path.join(out_dir, "autoattack_*.json"))
+    if args.resume:
+        if not os.path.isfile(results_path):
+            raise dynat.UsageError(f"--resume: no earlier evaluation in {out_dir}")
+        with open(results_path) as f:
+            prev = json.load(f)
+        for key in SETTINGS:
+            if prev.get(key) != meta[key]:
+                raise dynat.UsageError(f"--resume: {out_dir} was evaluated with {key} = {prev.get(key)!r}, "
+                                       f"not {meta[key]!r}; pass --out-dir elsewhere or --overwrite")
+        with np.load(os.path.join(out_dir, "per_example.npz")) as f:
+            done = {a: torch.from_numpy(f[a]) for a in attacks if a in f.files and a in prev["seconds"]}
+        seconds = {a: prev["seconds"][a] for a in done}
+    elif earlier and not args.overwrite:
+        raise dynat.UsageError(f"{out_dir} holds an earlier evaluation: pass --resume to continue it "
+                               "or --overwrite to start again")
+    else:  # a stale AutoAttack state would otherwise be continued
+        for path in glob.glob(os.path.join(out_dir, "autoattack_*.json")):
+            os.remove(path)
+    os.makedirs(out_dir, exist_ok=True)
+
+    log(f"evaluating {meta['checkpoint']} [{args.model}: {arch}] on {dataset}: first {n} of {n_test} test images, "
+        f"eps {fmt_eps(args.epsilon)}, step {fmt_eps(args.step_size)}, {args.restarts} restart(s), seed "
+        f"{args.seed}, {device}, amp {args.amp} (PGD/C&W only) -> {out_dir}")
+    common = dict(device=device, batch_size=args.batch_size, channels_last=channels_last)
+    t0 = time.time()
+    masks = {"clean": dynat.correct_mask(model, x, y, **common)}  # float32, whatever --amp says
+    seconds["clean"] = time.time() - t0
+    clean_acc = masks["clean"].float().mean().item()
+    log(f"clean accuracy: {100 * clean_acc:.2f}% ({int(masks['clean'].sum())}/{n})")
+    if clean_acc <= 1.5 / classes:
+        log(f"warning: clean accuracy is near chance ({classes} classes): wrong checkpoint, --model or --dataset?")
+    save_outputs(out_dir, meta, masks, seconds, complete=False)
+
+    for name in attacks:
+        if name in done:
+            masks[name] = done[name] & masks["clean"]
+            log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% (kept from the interrupted run)")
+            continue
+        torch.manual_seed(args.seed)  # every attack on its own seed: results do not depend on order or resume
+        t0 = time.time()
+        with tqdm(total=0, desc=column(name), unit="img", leave=False, dynamic_ncols=True) as bar:
+            if name in AUTOATTACK:
+                robust = autoattack(model, x, y, masks["clean"], name, epsilon=args.epsilon, seed=args.seed,
+                                    batch_size=args.batch_size, device=device, classes=classes, bar=bar,
+                                    state_path=os.path.join(out_dir, f"autoattack_{name}.json"))
+            else:
+                loss, steps = re.fullmatch(r"(pgd|cw)(\d+)", name).groups()
+                attack = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=int(steps),
+                              loss="ce" if loss == "pgd" else "cw", start="uniform")
+                robust = pgd(model, x, y, masks["clean"], attack, restarts=args.restarts, bar=bar, amp=amp, **common)
+        masks[name] = robust & masks["clean"]
+        seconds[name] = time.time() - t0
+        log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% ({seconds[name]:.1f} s)")
+        save_outputs(out_dir, meta, masks, seconds, complete=False)
+
+    header, lines = save_outputs(out_dir, meta, masks, seconds, complete=True)
+    log("\n" + header + "\n" + "\n".join(lines))
+    log(f"wrote {out_dir}/results.md, results.json, per_example.npz")
+    return 0
+
+
+def main(argv=None):
+    try:
+        return run(get_parser().parse_args(argv))
+    except dynat.UsageError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evaluate.py: interrupted; the finished attacks are saved: run again with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""evaluate.py: robust-accuracy bookkeeping, AutoAttack resume, checkpoint checks, the CLI end to end.
+
+Fast on a CPU: a wrn-10-1 on 8x8 images of 4 classes (a bright quadrant per class) whose last
+layer is fitted to the test images, so that it is accurate clean and breaks gradually with epsilon.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyautoattack
+import pyautoattack.autopgd_base
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dynat  # noqa: E402
+import evaluate  # noqa: E402
+from models import build_model  # noqa: E402
+
+EPS = "2/255"  # the fixture model: ~94 % clean, ~60 % under PGD-10 at this radius
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (5x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def checkpoint_args(**flags):
+    """dynat.py's args dict for a checkpoint, as dynat.py saves it."""
+    argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return vars(dynat.get_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """ImageFolder of 8x8 images (64 test, 4 train) and a dynat.py checkpoint of a fitted wrn-10-1."""
+    root = tmp_path_factory.mktemp("data")
+    g = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 1), ("test", 16)):
+        for k in range(4):
+            os.makedirs(root / split / f"c{k}")
+            for i in range(per_class):
+                img = 0.3 + 0.4 * torch.rand(8, 8, 3, generator=g)
+                r, c = divmod(k, 2)
+                img[4 * r:4 * r + 4, 4 * c:4 * c + 4] += 0.1
+                Image.fromarray((255 * img).round().byte().numpy()).save(root / split / f"c{k}" / f"{i}.png")
+    x_u8, y = dynat.load_data("imagefolder", str(root), 0)["test"]
+    x = dynat.to_input(x_u8, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model("wrn-10-1", 4).eval()
+    # Fit only the last layer on the (fixed) features: a trained-ish model in a fraction of a second.
+    feats = []
+    hook = model.fc.register_forward_hook(lambda m, inp, out: feats.append(inp[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    fc = torch.nn.Linear(feats[0].shape[1], 4)
+    opt = torch.optim.Adam(fc.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(fc(feats[0]), y).backward()
+        opt.step()
+    model.fc.load_state_dict(fc.state_dict())
+    path = root / "ckpt.pt"
+    torch.save({"target": model.state_dict(), "guide": None, "classes": 4,
+                "args": checkpoint_args(dataset="imagefolder", data_dir=root, target="wrn-10-1", labels="true")}, path)
+    return {"root": root, "ckpt": path, "model": model, "x": x, "y": y}
+
+
+@pytest.fixture(scope="module")
+def synthetic_ckpt(tmp_path_factory):
+    """A dynat.py checkpoint (target and guide) for the built-in 32x32 synthetic dataset."""
+    torch.manual_seed(0)
+    target, guide = build_model("wrn-10-1", 10), build_model("wrn-10-1", 10)
+    path = tmp_path_factory.mktemp("synthetic") / "last.pt"
+    torch.save({"target": target.state_dict(), "guide": guide.state_dict(), "classes": 10,
+                "args": checkpoint_args(dataset="synthetic", target="wrn-10-1", guide="wrn-10-1")}, path)
+    return path
+
+
+def run_eval(capsys, *argv):
+    rc = evaluate.main([str(a) for a in argv] + ["--workers", "0"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def outputs(out_dir):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        results = json.load(f)
+    with np.load(os.path.join(out_dir, "per_example.npz")) as f:
+        arrays = {k: f[k] for k in f.files}
+    return results, arrays
+
+
+def assert_usage_error(rc, err):
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("evaluate.py: error:"), err
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- attacks
+
+
+def test_cw_is_pgd_on_the_margin_loss(folder, capsys, tmp_path, monkeypatch):
+    # logits (1, 3, 2): for y = 0 the margin loss is -(1 - 3) = 2, for y = 1 it is -(3 - 2) = -1.
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    assert dynat.margin_loss(logits, torch.tensor([0, 1])).tolist() == [2.0, -1.0]
+    calls = []
+    real = dynat.perturb
+    monkeypatch.setattr(dynat, "perturb", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    rc, _, _ = run_eval(capsys, folder["ckpt"], "--attacks", "cw3,pgd2", "--epsilon", "0.031", "--n", "8",
+                        "--out-dir", tmp_path)
+    assert rc == 0 and calls
+    cw, pgd = [c for c in calls if c["num_steps"] == 3], [c for c in calls if c["num_steps"] == 2]
+    assert cw and all(c["loss"] == "cw" and c["start"] == "uniform" and c["epsilon"] == 0.031
+                      and c["step_size"] == 2 / 255 for c in cw)
+    assert pgd and all(c["loss"] == "ce" and c["start"] == "uniform" for c in pgd)
+
+
+def test_more_steps_only_add_points_broken_at_some_iterate(folder):
+    """With a fixed seed, adding PGD steps can only grow the set of points misclassified at *some* iterate.
+
+    Why not "PGD-20 accuracy <= PGD-10 accuracy" on evaluate.py's numbers: PGD reports its last
+    iterate. Under the same seed PGD-K2 starts where PGD-K1 started and passes through PGD-K1's
+    final point, but later iterates can climb back into the correct class, so last-iterate accuracy
+    is not monotone in K, per example or on average (a random wrn-10-1 on the synthetic set scored
+    1.00 % under PGD-50, 0.50 % under PGD-20). What is guaranteed is the worst case over the
+    iterates, because the first K1 + 1 iterates of both runs coincide. perturb's kappa counts the
+    iterates 0..K-1 still classified as y; the last one is checked here. This fails if the random
+    start or the steps are not reproducible from the seed.
+    """
+    model, x, y = folder["model"], folder["x"], folder["y"]
+    broken = {}
+    for k in (2, 5, 12):
+        torch.manual_seed(0)
+        x_adv, kappa = dynat.perturb(model, x, y, epsilon=2 / 255, step_size=0.5 / 255, num_steps=k,
+                                     loss="ce", start="uniform")
+        with torch.no_grad():
+            broken[k] = (kappa < k) | (model(x_adv).argmax(1) != y)
+    assert not (broken[2] & ~broken[5]).any() and not (broken[5] & ~broken[12]).any()
+    assert 0 < broken[2].sum() < broken[12].sum() < len(y)  # the setting is not degenerate
+
+
+def test_accuracies_bounded_by_clean_and_worst_case(folder, capsys, tmp_path):
+    rc, out, _ = run_eval(capsys, folder["ckpt"], "--epsilon", EPS, "--n", "40", "--attacks", "cw3,pgd3,apgd-ce",
+                          "--out-dir", tmp_path)
+    assert rc == 0 and "first 40 of 64 test images" in out
+    results, arrays = outputs(tmp_path)
+    clean, attacks = arrays["clean"], [a for a in arrays if a not in ("clean", "worst")]
+
+    # --n: the first n images, stated in the results; every array has n entries.
+    assert results["n"] == 40 and results["n_test"] == 64
+    assert all(a.shape == (40,) and a.dtype == bool for a in arrays.values())
+    with torch.no_grad():
+        expected = (folder["model"](folder["x"][:40]).argmax(1) == folder["y"][:40]).numpy()
+    assert (clean == expected).all() and results["accuracy"]["clean"] == pytest.approx(expected.mean())
+
+    # A point is robust only if it is also correct clean; the attacks do break points.
+    for a in attacks:
+        assert not (arrays[a] & ~clean).any() and results["accuracy"][a] == pytest.approx(arrays[a].mean())
+    assert results["accuracy"]["pgd3"] < results["accuracy"]["clean"]
+
+    # Worst case = per-example AND over every attack run, <= each attack; All = mean over the attacks.
+    assert sorted(attacks) == ["apgd-ce", "cw3", "pgd3"]
+    assert (arrays["worst"] == np.logical_and.reduce([arrays[a] for a in attacks])).all()
+    assert results["worst"] == pytest.approx(arrays["worst"].mean())
+    assert results["worst"] <= min(results["accuracy"][a] for a in attacks)
+    assert results["all"] == pytest.approx(np.mean([results["accuracy"][a] for a in attacks]))
+
+
+def test_attacks_are_reseeded_and_restarts_only_remove_points(folder, capsys, tmp_path):
+    # Two steps of 1/255 in an 8/255 ball: the random start decides about a fifth of the points.
+    common = [folder["ckpt"], "--epsilon", "8/255", "--step-size", "1/255", "--n", "40", "--seed", "3"]
+    flags = {}
+    for name, argv in {"after_cw": ["--attacks", "cw2,pgd2"], "alone": ["--attacks", "pgd2"],
+                       "restarts": ["--attacks", "pgd2", "--restarts", "2"]}.items():
+        assert run_eval(capsys, *common, *argv, "--out-dir", tmp_path / name)[0] == 0
+        flags[name] = outputs(tmp_path / name)[1]["pgd2"]
+    # Each attack is reseeded: its flags do not depend on what ran before it.
+    assert (flags["after_cw"] == flags["alone"]).all()
+    # So the first of two restarts repeats the single-start run exactly, and the second can only
+    # remove robust points (here it does remove some).
+    assert not (flags["restarts"] & ~flags["alone"]).any() and flags["restarts"].sum() < flags["alone"].sum()
+
+
+# ----------------------------------------------------------------------------- AutoAttack
+
+
+def test_autoattack_interrupted_twice_gives_the_uninterrupted_flags(folder, capsys, tmp_path, monkeypatch):
+    """AA through evaluate.py, stopped by Ctrl-C in APGD-CE's second batch and again when APGD-T
+    starts, resumed each time: the flags equal those of one uninterrupted standard call of the
+    library, after the first stage and at the end."""
+    # 8 points in batches of 3 at eps 5/255: APGD-CE leaves one point, APGD-T breaks it, so the
+    # expensive FAB-T and Square stages find nothing to attack.
+    common = [folder["ckpt"], "--epsilon", "5/255", "--n", "8", "--batch-size", "3", "--attacks", "aa"]
+    x, y = folder["x"][:8], folder["y"][:8]
+    reference = {}
+    for name in ("apgd-ce", "aa"):
+        adversary = pyautoattack.AutoAttack(folder["model"], norm="Linf", eps=5 / 255, version="standard", seed=0,
+                                            device="cpu")
+        if name != "aa":
+            adversary.attacks_to_run = [name]
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = 3  # 4 classes
+        reference[name] = (adversary.run_standard_evaluation(x, y, batch_size=3)[1] == y).tolist()
+    assert 0 < sum(reference["apgd-ce"]) < 8  # not degenerate
+
+    def count_calls(m, cls, interrupt_at=None):
+        """Patch cls.perturb to count its calls (one per batch) and raise KeyboardInterrupt at one."""
+        real, calls = cls.perturb, []
+
+        def perturb(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        m.setattr(cls, "perturb", perturb)
+        return calls
+
+    def state():
+        with open(tmp_path / "autoattack_aa.json") as f:
+            return json.load(f)
+    untargeted, targeted = pyautoattack.autopgd_base.APGDAttack, pyautoattack.autopgd_base.APGDAttack_targeted
+    with monkeypatch.context() as m:
+        count_calls(m, untargeted, interrupt_at=2)
+        rc, _, err = run_eval(capsys, *common, "--out-dir", tmp_path)
+    assert rc == 130 and "--resume" in err
+    assert state()["done"] == [] and len(state()["pending"]) == 5  # the first batch of 3 is done
+    with monkeypatch.context() as m:
+        calls = count_calls(m, untargeted)
+        count_calls(m, targeted, interrupt_at=1)
+        assert run_eval(capsys, *common, "--out-dir", tmp_path, "--resume")[0] == 130
+    assert len(calls) == 2  # APGD-CE went on with the two batches left, not from the start
+    assert state()["done"] == ["apgd-ce"] and state()["robust"] == reference["apgd-ce"]
+    rc, out, _ = run_eval(capsys, *common, "--out-dir", tmp_path, "--resume")
+    assert rc == 0 and "| AA |" in out
+    results, arrays = outputs(tmp_path)
+    assert results["complete"] and arrays["aa"].tolist() == reference["aa"]
+    assert results["accuracy"]["aa"] == pytest.approx(np.mean(reference["aa"]))
+
+
+def test_resume_keeps_finished_attacks_and_checks_settings(folder, capsys, tmp_path, monkeypatch):
+    ckpt, out_dir = tmp_path / "ckpt.pt", tmp_path / "eval"
+    ckpt.write_bytes(folder["ckpt"].read_bytes())
+    common = [ckpt, "--epsilon", EPS, "--n", "16", "--out-dir", out_dir]
+    assert run_eval(capsys, *common, "--attacks", "pgd2")[0] == 0
+    first = outputs(out_dir)
+    calls = []
+    real = dynat.perturb
+    monkeypatch.setattr(dynat, "perturb", lambda *a, **kw: calls.append(kw["num_steps"]) or real(*a, **kw))
+    assert run_eval(capsys, *common, "--attacks", "pgd2,pgd1", "--resume")[0] == 0
+    assert set(calls) == {1}  # PGD-2 was kept, only PGD-1 ran
+    second = outputs(out_dir)
+    assert (second[1]["pgd2"] == first[1]["pgd2"]).all()
+    assert second[0]["seconds"]["pgd2"] == first[0]["seconds"]["pgd2"]
+    # Refused: an earlier evaluation without --resume; other settings, or other weights, with it.
+    assert_usage_error(*run_eval(capsys, *common, "--attacks", "pgd2")[::2])
+    rc, _, err = run_eval(capsys, *common, "--attacks", "pgd2", "--resume", "--seed", "1")
+    assert_usage_error(rc, err)
+    assert "seed" in err
+    state = torch.load(ckpt, weights_only=True)
+    state["target"]["fc.bias"] += 1
+    torch.save(state, ckpt)
+    rc, _, err = run_eval(capsys, *common, "--attacks", "pgd2", "--resume")
+    assert_usage_error(rc, err)
+    assert "checkpoint_sha256" in err
+
+
+# ----------------------------------------------------------------------------- checkpoints and usage
+
+
+@pytest.mark.parametrize("argv", [["--attacks", "pgd"], ["--attacks", "pgd0"], ["--attacks", "clean,fgsm"],
+                                  ["--n", "0"], ["--n", "-5"], ["--epsilon", "0"], ["--epsilon", "3/2"],
+                                  ["--step-size", "0"], ["--restarts", "0"], ["--model", "guide"]])
+def test_bad_arguments_are_one_line_errors(folder, capsys, tmp_path, argv):
+    assert_usage_error(*run_eval(capsys, folder["ckpt"], "--out-dir", tmp_path, *argv)[::2])
+
+
+def test_missing_or_corrupt_checkpoint(capsys, tmp_path):
+    assert_usage_error(*run_eval(capsys, tmp_path / "nope.pt")[::2])
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert_usage_error(*run_eval(capsys, tmp_path / "bad.pt")[::2])
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_checkpoint_keys_must_match_the_architecture(synthetic_ckpt, capsys, tmp_path, change):
+    ckpt = torch.load(synthetic_ckpt, weights_only=True)
+    if change == "missing":
+        del ckpt["target"]["fc.bias"]
+    else:
+        ckpt["target"]["fc.extra"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    rc, _, err = run_eval(capsys, tmp_path / "ckpt.pt", "--attacks", "clean")
+    assert_usage_error(rc, err)
+    assert "keys do not match" in err
+
+
+def test_plain_state_dict_needs_arch_and_dataset(synthetic_ckpt, capsys, tmp_path):
+    ckpt = torch.load(synthetic_ckpt, weights_only=True)
+    torch.save({f"module.{k}": v for k, v in ckpt["guide"].items()}, tmp_path / "plain.pt")
+    assert_usage_error(*run_eval(capsys, tmp_path / "plain.pt", "--attacks", "clean")[::2])
+    rc, out, _ = run_eval(capsys, tmp_path / "plain.pt", "--arch", "wrn-10-1", "--dataset", "synthetic",
+                          "--attacks", "clean", "--out-dir", tmp_path / "plain")
+    assert rc == 0 and "stripped prefix 'module.'" in out
+    rc, _, _ = run_eval(capsys, synthetic_ckpt, "--model", "guide", "--attacks", "clean",
+                        "--out-dir", tmp_path / "ours")
+    assert rc == 0  # the same weights through dynat.py's format: the same predictions
+    assert (outputs(tmp_path / "plain")[1]["clean"] == outputs(tmp_path / "ours")[1]["clean"]).all()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_cli_end_to_end(synthetic_ckpt, tmp_path):
+    out_dir = tmp_path / "eval"
+    cmd = [sys.executable, "evaluate.py", str(synthetic_ckpt), "--attacks", "clean,pgd2,cw2", "--n", "12",
+           "--batch-size", "8", "--restarts", "2", "--epsilon", "8/255", "--out-dir", str(out_dir)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny tensors, as one_thread above
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith("clean accuracy:") and "first 12 of 256 test images" in lines[0]
+    assert "| Model | Clean | PGD-2 | C&W-2 | All | Worst |" in lines
+    row = next(line for line in lines if line.startswith("| last.pt [target: wrn-10-1]"))
+    results, arrays = outputs(out_dir)
+    values = [float(v) for v in row.strip("|").split("|")[1:]]
+    acc = results["accuracy"]
+    assert values == pytest.approx([100 * acc["clean"], 100 * acc["pgd2"], 100 * acc["cw2"],
+                                    100 * results["all"], 100 * results["worst"]], abs=0.006)
+    assert results["n"] == 12 and results["epsilon"] == 8 / 255 and results["step_size"] == 2 / 255
+    assert results["seed"] == 0 and results["restarts"] == 2 and results["complete"]
+    assert results["versions"] == dict(results["versions"], torch=torch.__version__,
+                                       pyautoattack=pyautoattack.__version__)
+    assert set(results["seconds"]) == {"clean", "pgd2", "cw2"}
+    assert set(arrays) == {"clean", "pgd2", "cw2", "worst"} and all(len(a) == 12 for a in arrays.values())
+    with open(out_dir / "results.md") as f:
+        assert row in f.read()
+
+    # A checkpoint whose keys do not match, in a real process: one line, exit code 2, no traceback.
+    ckpt = torch.load(synthetic_ckpt, weights_only=True)
+    ckpt["target"]["block1.extra.weight"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    proc = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "bad.pt")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
