@@ -23,9 +23,9 @@ precision; fp32 rows use TF32, which dynat.py allows).
 
 Quick start (CPU, a few minutes on 2 cores):
   python bench.py --target wrn-16-4 --guide wrn-16-2 --batch-size 64 --inner --amp none,bf16 --steps 5 --warmup 2
-Last measured (that command; 2 vCPU AMD EPYC family 26 "Zen 5", avx512_bf16, no AMX; torch 2.14.1; a
-shared machine, load average 2.7-3.9, the interleaved timing keeps the ratios meaningful):
-  literal fp32 4664 ms | ours fp32 4159 ms (0.89x literal, 1.01x floor) | ours bf16 2150 ms (0.46x, 1.00x)
+Last measured (that command, channels_last on as by default; 2 vCPU AMD EPYC family 26 "Zen 5",
+avx512_bf16, no AMX; torch 2.14.1+cu130; load average 0.8-1.8):
+  literal fp32 5081 ms | ours fp32 3485 ms (0.69x literal, 1.01x floor) | ours bf16 1908 ms (0.38x, 0.97x)
 """
 import argparse
 import copy
@@ -68,8 +68,8 @@ def get_parser():
     a("--alpha", type=float, default=0.0, help="TRADES weight alpha (> 0 adds a clean target forward+backward)")
     a("--amp", type=precision_list, default=["bf16"],
       help="autocast precision(s) of our step: none, bf16, fp16 or a comma list (none,bf16) timed in one run")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-      help="channels_last for our step and the floor (default: on for CUDA, off on CPU, as dynat.py)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+      help="channels_last for our step and the floor (dynat.py's default)")
     a("--compile", action="store_true", help="torch.compile both models (our step and the floor; the literal baseline stays eager)")
     a("--steps", type=int, default=10, help="timed steps; the median is reported")
     a("--warmup", type=int, default=3, help="untimed steps before timing (cuDNN autotuning, compilation, allocator)")
@@ -283,7 +283,7 @@ def run(args):
     # As dynat.run(): fixed shapes let cuDNN autotune; TF32 for the fp32 matmuls/convs.
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    channels_last = args.channels_last
 
     # dynat.py's defaults for everything not benchmarked (epsilon, step size, beta, AWP gamma, ...).
     dyn_args = dynat.get_parser().parse_args(["--target", args.target, "--guide", args.guide,
