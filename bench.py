@@ -150,10 +150,7 @@ def our_step_fn(target, guide, optimizer, scaler, next_batch, settings, amp):
         loss, stats = dynat.dynat_loss(target, guide, x, y, **settings, amp=amp, loss_scale=scaler.scale)
         # run() reads the losses back every step (finiteness check, progress bar): that host sync is kept.
         torch.stack([stats["loss_guide"].float(), stats["loss_target"].float()]).tolist()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        dynat.optimizer_step(loss, optimizer, scaler, [m for m in (target, guide) if m is not None])
     return step
 
 

@@ -114,31 +114,30 @@ def get_parser():
     return p
 
 
+def require(args, names, ok, what):
+    """Raise UsageError naming the flag unless ok(value) holds for each flag in `names` (None skips)."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and not ok(v):
+            raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {v:g}")
+
+
 def validate_args(args):
     """Check every flag up front; raise UsageError with a one-line reason."""
-    for name in ("epsilon", "step_size"):
-        v = getattr(args, name)
-        if not (0 < v <= 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1] (pixels are in [0, 1]), got {v:g}")
+    require(args, ("epsilon", "step_size"), lambda v: 0 < v <= 1, "in (0, 1] (pixels are in [0, 1])")
     for name in ("target", "guide"):
         try:
             check_arch(getattr(args, name))
         except ValueError as e:
             raise UsageError(f"--{name}: {e}")
-    positive = {"epochs": args.epochs, "batch_size": args.batch_size, "eval_every": args.eval_every,
-                "eval_pgd_n": args.eval_pgd_n}
-    for name, v in positive.items():
-        if v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    for name in ("num_steps", "val_size", "workers", "awp_warmup"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat"):
-        v = getattr(args, name)
-        if not (v >= 0 and math.isfinite(v)):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    require(args, ("epochs", "batch_size", "eval_every", "eval_pgd_n"), lambda v: v >= 1, ">= 1")
+    require(args, ("num_steps", "val_size", "workers", "awp_warmup"), lambda v: v >= 0, ">= 0")
+    require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat"),
+            lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.awp and args.awp_warmup > args.epochs:
+        raise UsageError(f"--awp-warmup {args.awp_warmup} is beyond --epochs {args.epochs}: AWP would never switch on")
     if (args.reweight != "none" or args.iseat > 0) and args.reweight_start > args.epochs:
         raise UsageError(f"--reweight-start {args.reweight_start} is beyond --epochs {args.epochs}: "
                          "the reweighting would never switch on")
@@ -356,7 +355,9 @@ def awp_perturbation(model, loss, gamma, average=None):
     grads = torch.autograd.grad(loss, [p for _, p in named])
     if average is not None:
         grads = average(list(grads))
-    return {n: gamma * p.detach().norm() * g / (g.norm() + 1e-20) for (n, p), g in zip(named, grads)}
+    # nan_to_num: a layer whose (fp16-scaled) gradient overflowed is left unperturbed this step.
+    return {n: torch.nan_to_num(gamma * p.detach().norm() * g / (g.norm() + 1e-20), 0.0, 0.0, 0.0)
+            for (n, p), g in zip(named, grads)}
 
 
 @contextlib.contextmanager
@@ -501,6 +502,21 @@ def correct_mask(model, x, y, *, device, batch_size=256, attack=None, amp=None, 
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
+def robust_mask(model, x, y, attack, *, clean=None, restarts=1, progress=None, **common):
+    """Per-example robustness under perturb(**attack): correct clean and after each of `restarts`
+    random starts (each restart attacks only the points still robust). `clean` reuses a clean
+    correct_mask; `progress` (tqdm) grows by the points each restart attacks."""
+    robust = (correct_mask(model, x, y, **common) if clean is None else clean).clone()
+    for _ in range(restarts):
+        idx = robust.nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        if progress is not None:
+            progress.total += len(idx)
+        robust[idx] = correct_mask(model, x[idx], y[idx], attack=attack, progress=progress, **common)
+    return robust
+
+
 def loss_settings(args, epoch):
     """dynat_loss keyword arguments for `epoch`, with the AWP warm-up and the reweighting burn-in."""
     late = epoch >= args.reweight_start
@@ -510,6 +526,16 @@ def loss_settings(args, epoch):
                 mail_bias=args.mail_bias, mail_slope=args.mail_slope,
                 awp_gamma=args.awp_gamma if args.awp and epoch >= args.awp_warmup else 0.0,
                 iseat=args.iseat if late else 0.0)
+
+
+def optimizer_step(loss, optimizer, scaler, models, world=1, sync_buffers=True):
+    """Eq. 6's joint minimisation: backward, average across processes, one SGD step of both models."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if world > 1:
+        sync_replicas(models, world, grads=True, buffers=sync_buffers)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -584,6 +610,8 @@ def init_processes(device_arg):
         raise UsageError(f"--device {device_arg!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device_arg}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and world > 1:
+        raise UsageError(f"--device {device_arg}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
     if device.type == "cuda":
@@ -728,10 +756,7 @@ def evaluate_epoch(target, guide, data, args, device, amp, channels_last):
     pgd10 = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=10, loss="ce", start="uniform")
     return {"guide_clean_acc": acc(guide, x_test, y_test) if guide is not None else None,
             "target_clean_acc": acc(target, x_test, y_test),
-            # robust = correct clean and under attack, evaluate.py's convention
-            "target_pgd_acc": (correct_mask(target, x_pgd[:n], y_pgd[:n], **common)
-                               & correct_mask(target, x_pgd[:n], y_pgd[:n], attack=pgd10, **common)
-                               ).float().mean().item(),
+            "target_pgd_acc": robust_mask(target, x_pgd[:n], y_pgd[:n], pgd10, **common).float().mean().item(),
             "pgd_split": "val" if val is not None else "test", "pgd_n": n}
 
 
@@ -768,7 +793,13 @@ def run(args):
     amp = amp_dtype(args.amp, device)
     channels_last = args.channels_last
 
+    # Under torchrun, each node's first process loads (and downloads) before the others read.
+    first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if world > 1 and not first_on_node:
+        dist.barrier()
     data = load_data(args.dataset, args.data_dir, args.workers)
+    if world > 1 and first_on_node:
+        dist.barrier()
     (x_train, y_train), data["val"] = split_validation(data["train"], args.val_size, args.seed)
     if len(y_train) == 0 or len(data["test"][1]) == 0:
         raise UsageError(f"{args.dataset} at {args.data_dir}: no images in the training or test split")
@@ -826,12 +857,14 @@ def run(args):
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
 
+    def weights():  # what every checkpoint holds: plain state_dicts plus what rebuilds the models
+        return {"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else None,
+                "classes": classes, "args": vars(args)}
+
     def checkpoint(epoch_done, step, partial_sums):
         if main_process:
-            save_atomic({"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else None,
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            save_atomic({**weights(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "epoch": epoch_done, "step": step, "partial": partial_sums, "best_val": best_val,
-                         "classes": classes, "args": vars(args),
                          "rng": {"torch": torch.get_rng_state(),
                                  "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}},
                         last_path)
@@ -845,6 +878,8 @@ def run(args):
             group["lr"] = lr
         settings = loss_settings(args, epoch)
         batches = epoch_batches(len(y_train), args.batch_size, args.seed, epoch)[:1 if args.dry_run else None]
+        if len(batches[-1]) < world:  # a last batch too small to give every process an image
+            batches = batches[:-1]
         sums = partial or {"loss_guide": 0.0, "loss_target": 0.0, "dyn_correct": 0.0, "seen": 0.0, "seconds": 0.0}
         partial = None
         bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch}", disable=not main_process,
@@ -857,22 +892,20 @@ def run(args):
             # then draws from a per-process seed.
             torch.manual_seed(step_seed(args.seed, epoch, step, 0))
             x, y = augment(to_input(x_train[idx], device)), y_train[idx]
+            share = 1.0
             if world > 1:
                 x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
                 torch.manual_seed(step_seed(args.seed, epoch, step, rank))
+                # Unequal shares: weight each process's mean so the average is the global batch's mean.
+                share = len(y) * world / len(idx)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss, stats = dynat_loss(target, guide, x, y, **settings, amp=amp, loss_scale=scaler.scale,
                                      average=average)
             names = ["loss_guide", "loss_target"] + (["loss_iseat"] if "loss_iseat" in stats else [])
-            values = torch.stack([stats[k].float() for k in names]
+            values = torch.stack([stats[k].float() * share for k in names]
                                  + [stats.get("dyn_correct", y.new_zeros(())).float(), y.new_tensor(len(y)).float()])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if world > 1:
-                sync_replicas(models, world, grads=True, buffers=not args.sync_bn)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss * share, optimizer, scaler, models, world, sync_buffers=not args.sync_bn)
             if world > 1:
                 dist.all_reduce(values)  # sums over processes (losses are averaged below)
             # The step's one host sync, after the update is queued so a GPU never waits on it. A
@@ -923,10 +956,7 @@ def run(args):
                 plot_curves([json.loads(line) for line in f], os.path.join(out, "curves.png"))
             checkpoint(epoch, 0, None)
             if improved:
-                save_atomic({"target": target.state_dict(),
-                             "guide": guide.state_dict() if guide is not None else None,
-                             "epoch": epoch, "val_pgd_acc": best_val, "classes": classes, "args": vars(args)},
-                            best_path)
+                save_atomic({**weights(), "epoch": epoch, "val_pgd_acc": best_val}, best_path)
             fmt = lambda v: "-" if v is None else f"{v:.4f}"
             log(f"epoch {epoch:3d} lr {lr:.4f} {row['seconds']:.1f}s | loss guide {fmt(row['loss_guide'])} "
                 f"target {fmt(row['loss_target'])} | dyn-label acc {fmt(row['dynamic_label_acc'])} | clean guide "

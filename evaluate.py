@@ -39,7 +39,9 @@ AUTOATTACK = AA_STAGES + ("aa",)
 COLUMNS = {"clean": "Clean", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square",
            "aa": "AA"}
 # --resume refuses an out-dir evaluated with other values of these: they change the numbers.
-SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "n", "epsilon", "step_size", "restarts", "seed", "amp")
+# batch_size too: AutoAttack draws its random starts per batch.
+SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "n", "epsilon", "step_size", "restarts", "seed", "amp",
+            "batch_size")
 
 
 def get_parser():
@@ -132,19 +134,6 @@ def resolve_checkpoint(args, log):
 
 # ----------------------------------------------------------------------------- attacks
 
-def pgd(model, x, y, robust, attack, *, restarts, bar, **common):
-    """Robust flags under dynat.perturb(**attack) with `restarts` random starts. Each restart attacks
-    only the points still robust, so a point stays robust only if it survives every restart."""
-    robust = robust.clone()
-    for _ in range(restarts):
-        idx = robust.nonzero().squeeze(1)
-        if len(idx) == 0:
-            break
-        bar.total += len(idx)
-        robust[idx] = dynat.correct_mask(model, x[idx], y[idx], attack=attack, progress=bar, **common)
-    return robust
-
-
 def autoattack(model, x, y, robust, name, *, epsilon, seed, batch_size, device, classes, state_path, bar):
     """Robust flags under AutoAttack "standard" (name "aa") or one of its stages, in float32.
 
@@ -236,15 +225,9 @@ def run(args):
     from tqdm import tqdm
 
     log = lambda *a: print(*a, flush=True)
-    for name in ("epsilon", "step_size"):
-        if not 0 < getattr(args, name) <= 1:
-            raise dynat.UsageError(f"--{name.replace('_', '-')} must be in (0, 1] (pixels are in [0, 1]), "
-                                   f"got {getattr(args, name):g}")
-    for name in ("n", "restarts", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise dynat.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise dynat.UsageError(f"--workers must be >= 0, got {args.workers}")
+    dynat.require(args, ("epsilon", "step_size"), lambda v: 0 < v <= 1, "in (0, 1] (pixels are in [0, 1])")
+    dynat.require(args, ("n", "restarts", "batch_size"), lambda v: v >= 1, ">= 1")
+    dynat.require(args, ("workers",), lambda v: v >= 0, ">= 0")
     attacks = parse_attacks(args.attacks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise dynat.UsageError("evaluate.py runs in one process: start it with python, not torchrun")
@@ -344,7 +327,8 @@ def run(args):
                 loss, steps = re.fullmatch(r"(pgd|cw)(\d+)", name).groups()
                 attack = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=int(steps),
                               loss="ce" if loss == "pgd" else "cw", start="uniform")
-                robust = pgd(model, x, y, masks["clean"], attack, restarts=args.restarts, bar=bar, amp=amp, **common)
+                robust = dynat.robust_mask(model, x, y, attack, clean=masks["clean"], restarts=args.restarts,
+                                            progress=bar, amp=amp, **common)
         masks[name] = robust & masks["clean"]
         seconds[name] = time.time() - t0
         log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% ({seconds[name]:.1f} s)")

@@ -68,12 +68,13 @@ class WideBlock(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.equal_in_out = in_planes == planes
-        self.conv_shortcut = None if self.equal_in_out else nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False)
+        # camelCase as in the TRADES/AWP/LBGAT code, so their checkpoints' keys match ours
+        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False)
 
     def forward(self, x):
         out = self.relu1(self.bn1(x))
         # The shortcut of a width-changing block starts from the activated input (TRADES WRN).
-        shortcut = x if self.equal_in_out else self.conv_shortcut(out)
+        shortcut = x if self.equal_in_out else self.convShortcut(out)
         out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
         return out + shortcut
 

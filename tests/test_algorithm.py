@@ -709,3 +709,20 @@ def test_iseat_composes_with_awp_and_every_variant():
     for p in itertools.chain(t.parameters(), g.parameters()):
         assert p.grad is not None and torch.isfinite(p.grad).all()
     assert any(p.grad.abs().sum() > 0 for p in t.parameters())
+
+
+def test_trades_style_wrn_checkpoint_loads_after_logged_mapping():
+    # Key names of the TRADES/AWP/LBGAT WideResNet (camelCase shortcut, unused sub_block1,
+    # DataParallel's module. prefix): such a checkpoint must load strictly after the mapping.
+    model = models.build_model("wrn-16-2", 10)
+    ours = model.state_dict()
+    for key in ("conv1.weight", "block1.layer.0.convShortcut.weight", "block2.layer.0.convShortcut.weight",
+                "block3.layer.1.bn2.running_var", "bn1.num_batches_tracked", "fc.weight", "fc.bias"):
+        assert key in ours, key
+    trades = {f"module.{k}": v.clone() for k, v in ours.items()}
+    trades.update({f"module.sub_{k}": v.clone() for k, v in ours.items() if k.startswith("block1.")})
+    notes = []
+    fresh = models.build_model("wrn-16-2", 10)
+    dynat.load_weights(fresh, trades, "trades.pt", log=notes.append)
+    assert any("module." in n for n in notes) and any("sub_block1" in n for n in notes)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in ours.items())
