@@ -136,10 +136,7 @@ def batch_fn(device, batch_size, channels_last):
 
     def next_batch():
         idx = torch.randint(len(y_train), (batch_size,), device=device)  # the loop's shuffled batch
-        x = dynat.augment(dynat.to_input(x_train[idx], device))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y_train[idx]
+        return dynat.train_batch(x_train, y_train, idx, device, channels_last)
     return next_batch
 
 

@@ -237,6 +237,12 @@ def augment(x):
     return padded.flatten(2).gather(2, idx).view_as(x)
 
 
+def train_batch(x_train, y_train, idx, device, channels_last=False):
+    """Training batch `idx` of the uint8 dataset: [0, 1] floats on `device`, augmented."""
+    x = augment(to_input(x_train[idx], device))
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y_train[idx]
+
+
 def epoch_batches(n, batch_size, seed, epoch):
     """The epoch's shuffled index batches: a pure function of (seed, epoch), so a resumed run
     sees exactly the order the interrupted one would have seen."""
@@ -891,15 +897,13 @@ def run(args):
             # processes see exactly the images one process would; the attack's random start
             # then draws from a per-process seed.
             torch.manual_seed(step_seed(args.seed, epoch, step, 0))
-            x, y = augment(to_input(x_train[idx], device)), y_train[idx]
+            x, y = train_batch(x_train, y_train, idx, device, channels_last)
             share = 1.0
             if world > 1:
                 x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
                 torch.manual_seed(step_seed(args.seed, epoch, step, rank))
                 # Unequal shares: weight each process's mean so the average is the global batch's mean.
                 share = len(y) * world / len(idx)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             loss, stats = dynat_loss(target, guide, x, y, **settings, amp=amp, loss_scale=scaler.scale,
                                      average=average)
             names = ["loss_guide", "loss_target"] + (["loss_iseat"] if "loss_iseat" in stats else [])
@@ -922,7 +926,8 @@ def run(args):
             bar.update(1)
             bar.set_postfix(loss=f"{(values[0] + values[1]) / world:.3f}",
                             dyn_acc=f"{sums['dyn_correct'] / sums['seen']:.3f}")
-            flag = torch.tensor([stop["signal"] or 0], device=device)  # NCCL reduces device tensors only
+            # On the device only for NCCL, which reduces device tensors only: no extra copy otherwise.
+            flag = torch.tensor([stop["signal"] or 0], device=device if world > 1 else "cpu")
             if world > 1:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every process stops at the same batch
             if flag.item():
