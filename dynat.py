@@ -60,9 +60,12 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data and models
-    a("--dataset", default="cifar10", choices=["cifar10", "cifar100", "imagefolder", "synthetic"],
-      help="training data; imagefolder reads DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*")
-    a("--data-dir", default="./data", help="where the dataset lives (CIFAR is downloaded there when absent)")
+    a("--dataset", default="cifar10", choices=DATASETS,
+      help="training data; mnist/fashion-mnist are 28x28 grey images used as 3 channels; imagefolder reads "
+           "DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*")
+    a("--data-dir", default="./data", help="where the dataset lives (CIFAR/MNIST are downloaded there when absent)")
+    a("--train-size", type=int, default=0,
+      help="train on a class-balanced subset: the first N/C training images of each of the C classes (0: all)")
     a("--target", default="wrn-34-10", help=f"target model f_t: {ARCH_HELP}")
     a("--guide", default="resnet18", help="guide model f_g (same choices as --target)")
     a("--val-size", type=int, default=0,
@@ -131,7 +134,7 @@ def validate_args(args):
         except ValueError as e:
             raise UsageError(f"--{name}: {e}")
     require(args, ("epochs", "batch_size", "eval_every", "eval_pgd_n"), lambda v: v >= 1, ">= 1")
-    require(args, ("num_steps", "val_size", "workers", "awp_warmup"), lambda v: v >= 0, ">= 0")
+    require(args, ("num_steps", "val_size", "workers", "awp_warmup", "train_size"), lambda v: v >= 0, ">= 0")
     require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat"),
             lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
     if not 0 <= args.label_smoothing < 1:
@@ -147,8 +150,11 @@ def validate_args(args):
 
 # ----------------------------------------------------------------------------- data
 
+DATASETS = ["cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "synthetic"]
 CIFAR_FILES = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
                "cifar100": ("CIFAR100", "cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz")}
+MNIST_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+DEBIAN_FILES = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # apt-get install dataset-fashion-mnist
 
 
 def _to_uint8_tensors(dataset, workers):
@@ -164,6 +170,61 @@ def _to_uint8_tensors(dataset, workers):
     return xs and torch.cat(xs).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys, dtype=torch.long)
 
 
+def _load_cifar(dataset, data_dir):
+    """torchvision's CIFAR-10/100 (downloaded when absent), with a one-line reason when it cannot load."""
+    import torchvision
+    from torchvision.datasets.utils import check_integrity
+    cls_name, archive, url = CIFAR_FILES[dataset]
+    cls = getattr(torchvision.datasets, cls_name)
+    archive_path = os.path.join(os.path.abspath(data_dir), archive)
+    extracted = os.path.join(os.path.abspath(data_dir), cls.base_folder)
+    if os.path.isfile(archive_path) and not check_integrity(archive_path, cls.tgz_md5):
+        # torchvision would silently try to download it again and, offline, fail with a misleading reason.
+        raise UsageError(f"{archive_path} is there but fails its MD5 checksum (an incomplete or corrupt "
+                         f"download): delete it and download it again from {url}")
+    try:
+        splits = [cls(data_dir, train=train, download=True) for train in (True, False)]
+    except Exception as e:  # no network, bad archive, ...: say what to put where
+        if os.path.isdir(extracted):
+            raise UsageError(f"{extracted} is incomplete or corrupt (a file is missing or fails its MD5 "
+                             f"checksum): delete it and put {archive} (from {url}) into {os.path.dirname(extracted)}/")
+        raise UsageError(f"cannot load {dataset} from {data_dir} ({type(e).__name__}); "
+                         f"put {archive} (from {url}) into {os.path.abspath(data_dir)}/")
+    return splits, [torch.from_numpy(ds.data).permute(0, 3, 1, 2) for ds in splits]
+
+
+def _load_mnist(dataset, data_dir):
+    """torchvision's MNIST / Fashion-MNIST (downloaded when absent). Offline, the four original idx .gz
+    files copied into DATA_DIR/<MNIST|FashionMNIST>/raw/ are used (extracted there as torchvision would:
+    its own check would reject recompressed copies such as Debian's by their MD5 and try to download)."""
+    import gzip
+    import shutil
+    import torchvision
+    cls = getattr(torchvision.datasets, MNIST_CLASSES[dataset])
+    raw = os.path.join(os.path.abspath(data_dir), cls.__name__, "raw")
+    files = [name for name, _ in cls.resources]
+    for name in files:
+        gz, plain = os.path.join(raw, name), os.path.join(raw, name[:-len(".gz")])
+        if os.path.isfile(gz) and not os.path.isfile(plain):
+            try:
+                def gunzip(f, gz=gz):
+                    with gzip.open(gz) as src:
+                        shutil.copyfileobj(src, f)
+                write_atomic(plain, gunzip)
+            except (OSError, EOFError) as e:
+                raise UsageError(f"{gz}: not a valid gzip file ({e}); copy it again")
+    try:
+        splits = [cls(data_dir, train=train, download=True) for train in (True, False)]
+    except Exception as e:
+        where = f"cp {DEBIAN_FILES[dataset]}/*.gz {raw}/ after apt-get install dataset-fashion-mnist, or " \
+            if dataset in DEBIAN_FILES else ""
+        raise UsageError(f"cannot load {dataset} from {data_dir} ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:80].rstrip(':')}); put {', '.join(files)} into {raw}/ "
+                         f"({where}from {cls.mirrors[0]})")
+    # 28 x 28 grey images repeated into 3 channels: the models and the attack see RGB-shaped [0, 1] pixels.
+    return splits, [ds.data[:, None].expand(-1, 3, -1, -1) for ds in splits]
+
+
 def load_data(dataset, data_dir, workers=2):
     """Return dict(train=(x, y), test=(x, y), classes=C) with x uint8 N x 3 x H x W in memory.
 
@@ -176,17 +237,10 @@ def load_data(dataset, data_dir, workers=2):
         make = lambda n: (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
                           torch.randint(0, 10, (n,), generator=g))
         return {"train": make(1024), "test": make(256), "classes": 10}
-    if dataset in CIFAR_FILES:
-        cls_name, archive, url = CIFAR_FILES[dataset]
-        cls = getattr(torchvision.datasets, cls_name)
-        try:
-            splits = [cls(data_dir, train=train, download=True) for train in (True, False)]
-        except Exception as e:  # no network, bad archive, ...: say what to put where
-            raise UsageError(f"cannot load {dataset} from {data_dir} ({type(e).__name__}); "
-                             f"put {archive} (from {url}) into {os.path.abspath(data_dir)}/")
-        out = {}
-        for name, ds in zip(("train", "test"), splits):
-            out[name] = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+    if dataset in CIFAR_FILES or dataset in MNIST_CLASSES:
+        splits, images = (_load_cifar if dataset in CIFAR_FILES else _load_mnist)(dataset, data_dir)
+        out = {name: (x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
+               for name, ds, x in zip(("train", "test"), splits, images)}
         out["classes"] = len(splits[0].classes)
         return out
     # imagefolder: DATA_DIR/{train,test}/<class>/<image>
@@ -209,6 +263,20 @@ def load_data(dataset, data_dir, workers=2):
         ds.transform = lambda img: img.convert("RGB") if img.size == size else img.convert("RGB").resize(size)
         out[name] = _to_uint8_tensors(ds, workers)
     return out
+
+
+def class_balanced_subset(train, size, classes):
+    """--train-size: the first size // classes training images of every class, in the dataset's order."""
+    x, y = train
+    if size == 0:
+        return train
+    per_class = size // classes
+    counts = torch.bincount(y, minlength=classes)
+    if per_class < 1 or per_class > counts.min():
+        raise UsageError(f"--train-size {size}: needs between {classes} and {int(counts.min()) * classes} images "
+                         f"({classes} classes, the smallest has {int(counts.min())} training images)")
+    keep = torch.cat([(y == c).nonzero().squeeze(1)[:per_class] for c in range(classes)]).sort().values
+    return x[keep], y[keep]
 
 
 def split_validation(train, val_size, seed):
@@ -806,6 +874,7 @@ def run(args):
     data = load_data(args.dataset, args.data_dir, args.workers)
     if world > 1 and first_on_node:
         dist.barrier()
+    data["train"] = class_balanced_subset(data["train"], args.train_size, data["classes"])
     (x_train, y_train), data["val"] = split_validation(data["train"], args.val_size, args.seed)
     if len(y_train) == 0 or len(data["test"][1]) == 0:
         raise UsageError(f"{args.dataset} at {args.data_dir}: no images in the training or test split")
