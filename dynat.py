@@ -18,11 +18,13 @@ README ("Reproducing the paper") for what has been measured and on what.
 """
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import time
 import zipfile
@@ -97,6 +99,12 @@ def get_parser():
     a("--mail-slope", type=float, default=10.0, help="MAIL slope")
     a("--iseat", type=float, default=0.0, metavar="LAMBDA",
       help="ISEAT lambda: weighted logit-variation term under input and weight perturbation (0: off)")
+    a("--clean-bn", action=argparse.BooleanOptionalAction, default=True,
+      help="after f_t(x'), a no-grad train-mode f_t(x): the target's BatchNorm statistics mix clean and "
+           "adversarial batches as in the release (--no-clean-bn: adversarial only, one forward cheaper)")
+    # start-up (not in the paper; README "Training dynamics")
+    a("--guide-warmup", type=int, default=0, metavar="EPOCHS",
+      help="the guide trains alone for its first EPOCHS epochs, then Algorithm 1 as in the paper (0: the paper)")
     # engineering
     a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts)")
     a("--deterministic", action="store_true", help="deterministic kernels (bitwise repeatable on CPU)")
@@ -134,11 +142,15 @@ def validate_args(args):
         except ValueError as e:
             raise UsageError(f"--{name}: {e}")
     require(args, ("epochs", "batch_size", "eval_every", "eval_pgd_n"), lambda v: v >= 1, ">= 1")
-    require(args, ("num_steps", "val_size", "workers", "awp_warmup", "train_size"), lambda v: v >= 0, ">= 0")
+    require(args, ("num_steps", "val_size", "workers", "awp_warmup", "train_size", "guide_warmup"),
+            lambda v: v >= 0, ">= 0")
     require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat"),
             lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.guide_warmup and (args.labels == "true" or args.guide_warmup >= args.epochs):
+        raise UsageError(f"--guide-warmup {args.guide_warmup} needs a guide (not --labels true) and fewer "
+                         f"epochs than --epochs {args.epochs}: the target would never train")
     if args.awp and args.awp_warmup > args.epochs:
         raise UsageError(f"--awp-warmup {args.awp_warmup} is beyond --epochs {args.epochs}: AWP would never switch on")
     if (args.reweight != "none" or args.iseat > 0) and args.reweight_start > args.epochs:
@@ -311,11 +323,13 @@ def train_batch(x_train, y_train, idx, device, channels_last=False):
     return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y_train[idx]
 
 
-def epoch_batches(n, batch_size, seed, epoch):
-    """The epoch's shuffled index batches: a pure function of (seed, epoch), so a resumed run
-    sees exactly the order the interrupted one would have seen."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm.split(batch_size)
+def epoch_batches(n, batch_size, seed, epoch, world=1, device="cpu", limit=None):
+    """The epoch's shuffled index batches, on `device` in one copy per epoch (no blocking copy per
+    step): a pure function of (seed, epoch), so a resumed run sees exactly the order the interrupted
+    one would have seen. A last batch too small to give every process an image is dropped."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
+    batches = perm.split(batch_size)[:limit]
+    return batches[:-1] if len(batches[-1]) < world else batches
 
 
 def step_seed(seed, epoch, step, rank):
@@ -325,11 +339,26 @@ def step_seed(seed, epoch, step, rank):
 
 # ----------------------------------------------------------------------------- precision
 
+def native_bf16(device):
+    """True on a GPU whose tensor cores run bf16 (Ampere and newer); on older GPUs bf16 is emulated, slowly."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def amp_dtype(amp, device):
-    """Autocast dtype for --amp (None = float32)."""
+    """Autocast dtype for --amp (None = float32); auto = bf16 only where the GPU runs it natively."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if native_bf16(device) else None
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def attack_dtype(amp, device):
+    """The attack's precision in a run whose forwards use `amp`: never fp16. In fp16 the input gradient
+    of a confidently classified point underflows to exactly 0, sign(0) = 0 and PGD stops moving, so the
+    model would be trained (or scored) on almost clean inputs; bf16 has float32's range. Under fp16 the
+    attack runs in bf16 where the GPU runs it natively, else in float32."""
+    if amp != torch.float16:
+        return amp
+    return torch.bfloat16 if native_bf16(device) else None
 
 
 def autocast(device, dtype):
@@ -354,10 +383,13 @@ def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="nor
           "kl"  KL(p(f(x)) || p(f(x')))      (TRADES/LBGAT, the paper's default DYNAT attack)
           "cw"  margin loss (C&W-inf)
     start: "normal" x + 0.001 N(0, I) (TRADES/LBGAT/DYNAT code), "uniform" x + U(-eps, eps) (evaluation).
+    amp: autocast dtype of the model's forwards; fp16 is replaced by bf16 or float32 (attack_dtype).
     The model runs in eval mode with its parameters frozen (only the input gradient is needed);
     both are restored on return. Returns (x_adv, kappa) with kappa[i] = number of iterates, checked
-    before each update, that the model still classified as y[i] (GAIRAT's geometry value).
+    before each update, that the model still classified as y[i] (GAIRAT's geometry value; an
+    evaluation scores a point robust only if kappa = K and x_adv is classified correctly too).
     """
+    amp = attack_dtype(amp, x.device)
     was_training = model.training
     frozen = [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)
@@ -447,12 +479,13 @@ def frozen_bn_stats(model):
 
 
 def target_loss(target, x, x_adv, y_train, *, beta, alpha, labels="dynamic", logits_guide=None,
-                label_smoothing=0.0, weight_fn=None, weights_delta=None, amp=None):
+                label_smoothing=0.0, weight_fn=None, weights_delta=None, clean_bn=False, amp=None):
     """The target's terms of Eq. 6: beta * L_t(f_t(x'), y_dyn) (Eq. 5) + alpha * KL_batchmean(p(f_t(x)) || p(f_t(x'))).
 
     labels="lbgat" replaces CE by LBGAT's MSE(f_t(x'), f_g(x)) (gradient into the guide).
     weight_fn(logits_adv) -> per-example weights (GAIRAT/MAIL) or None.
     weights_delta: {param name: delta}; the forwards use w + delta (AWP) without touching w.
+    clean_bn: with alpha = 0, still run f_t(x) after f_t(x'), without gradient, for its BatchNorm statistics.
     Returns (loss, logits_adv).
     """
     params = None
@@ -462,6 +495,12 @@ def target_loss(target, x, x_adv, y_train, *, beta, alpha, labels="dynamic", log
     with autocast(x.device, amp):
         logits_adv = forward(x_adv).float()
         logits_nat = forward(x).float() if alpha > 0 else None
+    if clean_bn and alpha == 0:
+        # The release runs the target in train mode on x' and then on x every step (its clean output
+        # unused at alpha = 0): the running statistics used at evaluation mix adversarial and clean
+        # batches. Same order, same weights (w + delta under AWP), no graph.
+        with torch.no_grad(), autocast(x.device, amp):
+            forward(x)
     if labels == "lbgat":
         per_example = F.mse_loss(logits_adv, logits_guide, reduction="none").mean(1)
     else:
@@ -477,12 +516,20 @@ def target_loss(target, x, x_adv, y_train, *, beta, alpha, labels="dynamic", log
 
 def dynat_loss(target, guide, x, y, *, epsilon, step_size, num_steps, inner=False, alpha=0.0, beta=1.0,
                labels="dynamic", label_smoothing=0.0, reweight="none", gair_lambda=-1.0, mail_bias=-0.5,
-               mail_slope=10.0, awp_gamma=0.0, iseat=0.0, amp=None, loss_scale=None, average=None):
+               mail_slope=10.0, awp_gamma=0.0, iseat=0.0, clean_bn=True, amp=None, loss_scale=None, average=None):
     """Algorithm 1 for one batch: returns (loss, stats) with loss = L_g + beta L_t [+ variants] (Eq. 6).
+
+    x: float B x 3 x H x W in [0, 1] (unnormalised pixels: epsilon and step_size are in those units);
+    y: int64 B ground truth. Both models in train mode. stats: detached 0-dim tensors on x's device:
+    loss_guide (L_g, 0 with labels="true"), loss_target (beta L_t + alpha KL), loss_iseat (with
+    iseat > 0) and dyn_correct (how many dynamic labels equal y; absent with labels="true").
 
     No hidden side effects: grads are not zeroed, nothing is stepped, both models are left in
     the mode they came in (train), the target's weights are never modified (AWP evaluates at
-    w + delta functionally). `awp_gamma` 0 / `iseat` 0 / reweight "none" switch those parts off.
+    w + delta functionally). Only BatchNorm running statistics move, as in any train-mode forward:
+    the target's on x' and then on x (clean_bn, the release's statistics; clean_bn=False leaves them
+    adversarial-only unless alpha > 0 or ISEAT runs f_t(x) anyway), the guide's once on x.
+    `awp_gamma` 0 / `iseat` 0 / reweight "none" switch those parts off.
     `loss_scale` (fp16 GradScaler.scale) and `average` (cross-process mean) serve AWP's gradient.
     """
     stats = {}
@@ -519,8 +566,10 @@ def dynat_loss(target, guide, x, y, *, epsilon, step_size, num_steps, inner=Fals
             # inside the block: BatchNorm's backward reads the statistics restored on exit
             delta = awp_perturbation(target, loss_scale(loss_awp) if loss_scale else loss_awp, awp_gamma, average)
 
-    # Eq. 5: the target learns the dynamic labels on x' (at w + delta under AWP).
-    loss_target, logits_adv = target_loss(target, x, x_adv, y_train, weights_delta=delta, **terms)
+    # Eq. 5: the target learns the dynamic labels on x' (at w + delta under AWP); ISEAT's own
+    # forward of x refreshes the clean statistics when it runs.
+    loss_target, logits_adv = target_loss(target, x, x_adv, y_train, weights_delta=delta,
+                                          clean_bn=clean_bn and iseat == 0, **terms)
     loss = loss_guide + loss_target
     stats.update(loss_guide=loss_guide.detach(), loss_target=loss_target.detach())
 
@@ -555,31 +604,50 @@ def to_input(x_uint8, device, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def correct_mask(model, x, y, *, device, batch_size=256, attack=None, amp=None, channels_last=False,
-                 progress=None):
-    """Per-example correctness (bool, on CPU) of `model` on uint8 images x, clean when `attack` is
-    None, else under perturb(**attack). The model is evaluated in eval mode and left as it came."""
+def classify(model, x, y, *, device, batch_size=256, attack=None, amp=None, channels_last=False,
+             fixed_shape=False, progress=None):
+    """(predicted class int64, correct bool) per image of the uint8 images x, both on the CPU, with
+    `model` in eval mode (and left as it came). Clean when `attack` is None; else under
+    perturb(**attack), where a point is correct only if the model classified it correctly at every
+    iterate the attack visited (the start, after each step, the end), not only at the last one.
+    fixed_shape pads the last chunk to batch_size with copies of an image (dropped from the result):
+    every forward then has one shape, so cuDNN autotunes once and a compiled model does not
+    recompile for the size of each evaluated subset."""
     was_training = model.training
     model.eval()
     out = []
     try:
         for i in range(0, len(y), batch_size):
-            xb, yb = to_input(x[i:i + batch_size], device, channels_last), y[i:i + batch_size].to(device)
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            n = len(yb)
+            if fixed_shape and n < batch_size:
+                xb = torch.cat([xb, xb[:1].expand(batch_size - n, *xb.shape[1:])])
+                yb = torch.cat([yb, yb[:1].expand(batch_size - n)])
+            xb, yb = to_input(xb, device, channels_last), yb.to(device)
+            every = torch.ones_like(yb, dtype=torch.bool)
             if attack is not None:
-                xb, _ = perturb(model, xb, yb, amp=amp, **attack)
+                xb, kappa = perturb(model, xb, yb, amp=amp, **attack)
+                every = kappa == attack["num_steps"]  # correct at each iterate before the last
             with torch.no_grad(), autocast(device, amp):
-                out.append((model(xb).argmax(1) == yb).cpu())
+                pred = model(xb).argmax(1)
+            out.append(torch.stack([pred, every & (pred == yb)])[:, :n].cpu())  # one copy per chunk
             if progress is not None:
-                progress.update(len(yb))
+                progress.update(n)
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    pred, correct = torch.cat(out, 1) if out else torch.zeros(2, 0, dtype=torch.long)
+    return pred, correct.bool()
+
+
+def correct_mask(model, x, y, **kw):
+    """Per-example correctness (bool, on CPU): classify(...)'s second half."""
+    return classify(model, x, y, **kw)[1]
 
 
 def robust_mask(model, x, y, attack, *, clean=None, restarts=1, progress=None, **common):
-    """Per-example robustness under perturb(**attack): correct clean and after each of `restarts`
-    random starts (each restart attacks only the points still robust). `clean` reuses a clean
-    correct_mask; `progress` (tqdm) grows by the points each restart attacks."""
+    """Per-example robustness under perturb(**attack): correct clean and at every iterate of each of
+    `restarts` random starts (each restart attacks only the points still robust). `clean` reuses a
+    clean correct_mask; `progress` (tqdm) grows by the points each restart attacks."""
     robust = (correct_mask(model, x, y, **common) if clean is None else clean).clone()
     for _ in range(restarts):
         idx = robust.nonzero().squeeze(1)
@@ -599,7 +667,16 @@ def loss_settings(args, epoch):
                 reweight=args.reweight if late else "none", gair_lambda=args.gair_lambda,
                 mail_bias=args.mail_bias, mail_slope=args.mail_slope,
                 awp_gamma=args.awp_gamma if args.awp and epoch >= args.awp_warmup else 0.0,
-                iseat=args.iseat if late else 0.0)
+                iseat=args.iseat if late else 0.0, clean_bn=args.clean_bn)
+
+
+def guide_warmup_loss(guide, x, y, amp=None):
+    """--guide-warmup: Eq. 4 alone, (L_g, stats) with dynat_loss's keys; the target is not trained."""
+    with autocast(x.device, amp):
+        logits_guide = guide(x).float()
+    loss_guide = F.cross_entropy(logits_guide, y)
+    return loss_guide, {"loss_guide": loss_guide.detach(), "loss_target": torch.zeros_like(loss_guide.detach()),
+                        "dyn_correct": (dynamic_labels(logits_guide) == y).sum()}
 
 
 def optimizer_step(loss, optimizer, scaler, models, world=1, sync_buffers=True):
@@ -610,6 +687,132 @@ def optimizer_step(loss, optimizer, scaler, models, world=1, sync_buffers=True):
         sync_replicas(models, world, grads=True, buffers=sync_buffers)
     scaler.step(optimizer)
     scaler.update()
+
+
+STEP_STATS = ("loss_guide", "loss_target", "loss_iseat", "dyn_correct")  # summed over an epoch's steps
+
+
+def new_epoch_sums():
+    """An epoch's running sums (host floats): STEP_STATS, images seen, steps done, seconds. A
+    checkpoint saves them mid-epoch, so a resumed epoch reports what an uninterrupted one would."""
+    return dict.fromkeys(STEP_STATS + ("seen", "step", "seconds"), 0.0) | {"step": 0}
+
+
+def step_values(stats, share, stop_flags=None):
+    """The step's statistics as one float tensor on the device: losses times the process's share of
+    the batch (so their sum over processes is `world` times the global batch's mean), correct dynamic
+    labels counted; under torchrun followed by this process's stop flags, all for one all-reduce."""
+    zero = stats["loss_guide"].new_zeros(())
+    values = [stats.get(k, zero).float() * (share if k.startswith("loss") else 1.0) for k in STEP_STATS]
+    if stop_flags is not None:
+        values += [zero.new_tensor(f) for f in stop_flags]
+    return torch.stack(values)
+
+
+def add_step(sums, values, world, batch_size, where):
+    """Add one step's host values (summed over the processes) to `sums`; stop on a non-finite loss
+    before anything is saved, so last.pt stays the last good state."""
+    for name, v in zip(STEP_STATS, values):
+        if not math.isfinite(v):
+            raise NonFiniteLoss(f"{name} is {v} {where}")
+        sums[name] += v / world if name.startswith("loss") else v
+    sums["seen"] += batch_size
+    sums["step"] += 1
+
+
+def train_epoch(trainer, epoch, sums, stop):
+    """One epoch of Algorithm 1 over the shuffled training set, from batch sums["step"] on, adding
+    the steps' statistics to `sums`. Returns the signal that stopped it at a batch boundary, or None."""
+    args, rank, world = trainer.args, trainer.rank, trainer.world
+    lr = learning_rate(epoch, args.lr, args.epochs)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    settings = loss_settings(args, epoch)
+    batches = epoch_batches(len(trainer.y_train), args.batch_size, args.seed, epoch, world, trainer.device,
+                            limit=1 if args.dry_run else None)
+    bar = progress_bar(len(batches), sums["step"], f"epoch {epoch}", trainer.main_process)
+    t0 = time.time()
+    for step in range(int(sums["step"]), len(batches)):
+        # Every random draw of a step is a function of (seed, epoch, step): a resumed run continues exactly.
+        torch.manual_seed(step_seed(args.seed, epoch, step, 0))
+        x, y = train_batch(trainer.x_train, trainer.y_train, batches[step], trainer.device, trainer.channels_last)
+        share = 1.0
+        if world > 1:
+            # N processes see exactly the images one process would: the global batch is augmented
+            # identically everywhere, then split; each process's attack draws from its own seed.
+            x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+            torch.manual_seed(step_seed(args.seed, epoch, step, rank))
+            # Unequal shares: weight each process's mean so that the average is the global batch's mean.
+            share = len(y) * world / len(batches[step])
+        if epoch <= args.guide_warmup:
+            loss, stats = guide_warmup_loss(trainer.guide, x, y, amp=trainer.amp)
+        else:  # Algorithm 1, Eq. 3-7
+            loss, stats = dynat_loss(trainer.target, trainer.guide, x, y, **settings, amp=trainer.amp,
+                                     loss_scale=trainer.scaler.scale, average=trainer.average)
+        optimizer_step(loss * share, trainer.optimizer, trainer.scaler, trainer.models, world, sync_buffers=not args.sync_bn)
+        values = step_values(stats, share, stop.flags() if world > 1 else None)
+        if world > 1:
+            dist.all_reduce(values)  # statistics and stop flags summed over the processes, one collective
+        # The step's one host read, queued after the update so that a GPU never idles waiting for it.
+        values = values.tolist()
+        add_step(sums, values, world, len(batches[step]), f"at epoch {epoch}, batch {step + 1}; "
+                                                          f"{trainer.last_path} holds the last good state")
+        bar.update(1)
+        bar.set_postfix(loss=f"{(values[0] + values[1]) / world:.3f}", refresh=False)
+        signum = stop.received_by_any(values[len(STEP_STATS):] if world > 1 else None)
+        if signum:
+            break
+    bar.close()
+    sums["seconds"] += time.time() - t0
+    return signum if len(batches) > sums["step"] else None
+
+
+def progress_bar(total, initial, desc, main_process):
+    """tqdm's bar on an interactive terminal only: a log redirected to a file gets one line per epoch."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, mininterval=1.0, dynamic_ncols=True,
+                disable=not (main_process and sys.stderr.isatty()))
+
+
+def evaluate_epoch(trainer):
+    """Per-epoch figures on rank 0: clean accuracy of both models on the test set and how many
+    classes each predicts there (1 = a dead model), PGD-10 of the target on the validation split
+    when there is one (else on the first --eval-pgd-n test images)."""
+    args, data = trainer.args, trainer.data
+    (x_test, y_test), val = data["test"], data["val"]
+    limit = args.batch_size if args.dry_run else len(y_test)
+    common = dict(device=trainer.device, batch_size=max(args.batch_size, 256), amp=trainer.amp,
+                  channels_last=trainer.channels_last, fixed_shape=trainer.fixed_shapes)
+    row = {}
+    for name, model in (("guide", trainer.guide), ("target", trainer.target)):
+        if model is None:
+            row.update({f"{name}_clean_acc": None, f"{name}_pred_classes": None})
+            continue
+        pred, correct = classify(model, x_test[:limit], y_test[:limit], **common)
+        row.update({f"{name}_clean_acc": correct.float().mean().item(), f"{name}_pred_classes": len(pred.unique())})
+    x_pgd, y_pgd = val if val is not None else (x_test, y_test)
+    n = min(args.eval_pgd_n, len(y_pgd), limit)
+    pgd10 = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=10, loss="ce", start="uniform")
+    row["target_pgd_acc"] = robust_mask(trainer.target, x_pgd[:n], y_pgd[:n], pgd10, **common).float().mean().item()
+    return row | {"pgd_split": "val" if val is not None else "test", "pgd_n": n}
+
+
+def collapse_warning(row, classes, first_target_epoch):
+    """A one-line diagnosis when the target is dead (one predicted class) or far behind its own labels
+    (clean accuracy under half the dynamic labels' agreement with y, from its third epoch on) while
+    those labels are clearly better than chance; None for a healthy target or a run without a guide."""
+    dyn, acc, pred = row.get("dynamic_label_acc"), row.get("target_clean_acc"), row.get("target_pred_classes")
+    if dyn is None or acc is None or classes < 2 or dyn < 2 / classes:
+        return None
+    if pred == 1:
+        state = f"is dead: it predicts one class for every test image (clean accuracy {acc:.3f})"
+    elif row["epoch"] >= first_target_epoch + 2 and acc < 0.5 * dyn:
+        state = f"is far behind its labels: clean accuracy {acc:.3f}, its dynamic labels agree with y {dyn:.3f}"
+    else:
+        return None
+    return (f"warning: epoch {row['epoch']}: the target {state}. Its first steps learn the guide's near-constant "
+            "early labels (README, 'Training dynamics'); --guide-warmup 1 lets the guide learn first")
+
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -638,6 +841,11 @@ def load_checkpoint(path):
     """torch.load(weights_only=True) with one-line errors; nothing in the file is ever executed."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle
+        raise UsageError(f"{path}: not a checkpoint (torch.save writes a zip archive or a pickle; this file "
+                         f"starts with {head!r}): pass a last.pt / best.pt or a saved state_dict")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -744,7 +952,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         sums = all_reduce(torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count]))
         n = sums[-1]
         mean = sums[:c] / n
-        var = sums[c:2 * c] / n - mean.pow(2)
+        var = (sums[c:2 * c] / n - mean.pow(2)).clamp(min=0)  # E[x^2] - mean^2 can round below 0
         with torch.no_grad():
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
@@ -767,15 +975,113 @@ def synchronise_batchnorm(model, device):
     return model
 
 
+def first_on_each_node(world, load):
+    """load() under torchrun: each node's first process runs it (and downloads) while the others
+    wait, then they run it, reading what it wrote. The wait uses a gloo group with a two-hour
+    timeout: the NCCL group's default ten minutes would kill the waiting processes during a slow
+    download, and the training collectives keep that default so that a real hang still fails."""
+    if world == 1:
+        return load()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first:
+        dist.barrier(group=group)
+    data = load()
+    if first:
+        dist.barrier(group=group)
+    dist.destroy_process_group(group)
+    return data
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM ask the training loop to save last.pt and stop at the next batch boundary; a
+    second signal stops at once (KeyboardInterrupt). The previous handlers come back on exit."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def flags(self):
+        """This process's flags, one per signal, to be summed over the processes with the step's statistics."""
+        return [float(self.received == s) for s in self.SIGNALS]
+
+    def received_by_any(self, summed_flags=None):
+        """The signal to stop on now: this process's own, or under torchrun (summed_flags) any process's,
+        so that every process stops at the same batch."""
+        if summed_flags is None:
+            return self.received
+        return next((s for s, f in zip(self.SIGNALS, summed_flags) if f > 0), None)
+
+
+def configure_backends(deterministic):
+    """--deterministic: deterministic kernels (bitwise repeatable on a CPU). Else cuDNN autotunes
+    (the training shapes are fixed; evaluation pads to one shape) and fp32 matmuls/convs use TF32."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def provenance():
+    """The commit (with '+dirty' for uncommitted changes) and library versions a result was made with."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, ""
+    return {"commit": commit and commit + "+dirty" * bool(dirty), "torch": str(torch.__version__),
+            "python": sys.version.split()[0]}
+
+
 # ----------------------------------------------------------------------------- main
 
 METRIC_CURVES = ("dynamic_label_acc", "guide_clean_acc", "target_clean_acc", "target_pgd_acc")
 RESUME_KEYS = {"target", "guide", "optimizer", "scaler", "epoch", "step", "partial", "best_val", "args"}
-RESUME_OVERRIDES = ("resume", "device", "workers", "out_dir", "overwrite")
+# What a resumed run takes from its command line; every other flag comes from the run's args.
+RESUME_ALWAYS = ("resume", "device", "workers", "out_dir", "overwrite")
+RESUME_MAY_CHANGE = RESUME_ALWAYS + ("data_dir", "eval_every", "eval_pgd_n", "compile", "deterministic")
+RESUME_REASONS = {
+    "epochs": "the lr milestones sit at 75 % and 90 % of --epochs, so another value re-times epochs already trained",
+    "seed": "the remaining steps' data order, augmentation and attack starts are drawn from it",
+    "batch_size": "the position saved in last.pt is a batch of the order drawn for that size",
+    "dataset": "the position saved in last.pt indexes that training set",
+    "train_size": "the position saved in last.pt indexes that training set",
+    "val_size": "the position saved in last.pt indexes that training set",
+    "target": "last.pt holds weights of that architecture",
+    "guide": "last.pt holds weights of that architecture",
+}
 
 
-def resolve_resume(args):
-    """--resume DIR: (the arguments the run was started with, DIR/last.pt's contents or None)."""
+def resume_conflicts(args, stored, given):
+    """The flags given with --resume that would change the run (one reason each), for the refusal."""
+    defaults = vars(get_parser().parse_args([]))
+    for name in sorted(set(given) - set(RESUME_MAY_CHANGE)):
+        old, new = stored.get(name, defaults.get(name)), getattr(args, name)
+        if new != old:
+            why = RESUME_REASONS.get(name, "the rest of the run would train another method than its first part did")
+            yield f"--{name.replace('_', '-')} {new} (the run has {old}: {why})"
+
+
+def resolve_resume(args, given=()):
+    """--resume DIR: (the arguments the run was started with, DIR/last.pt's contents or None).
+    `given` names the flags on the command line: those that would change the run are refused."""
     run_dir = args.resume
     last, saved = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "args.json")
     if not os.path.isdir(run_dir):
@@ -792,269 +1098,268 @@ def resolve_resume(args):
             stored = json.load(f)
     else:
         raise UsageError(f"--resume {run_dir}: neither last.pt nor args.json there; nothing to resume")
+    conflicts = list(resume_conflicts(args, stored, given))
+    if conflicts:
+        raise UsageError(f"--resume {run_dir} continues the run with the flags it was started with; "
+                         f"refused: {'; '.join(conflicts)}")
     args.out_dir = run_dir
     resumed = argparse.Namespace(**{**vars(get_parser().parse_args([])), **stored})
-    for key in RESUME_OVERRIDES:
-        setattr(resumed, key, getattr(args, key))
+    for key in RESUME_MAY_CHANGE:
+        if key in RESUME_ALWAYS or key in given:
+            setattr(resumed, key, getattr(args, key))
     return resumed, ckpt
 
 
-def plot_curves(rows, path):
+def given_flags(argv):
+    """The destinations of the flags actually written on the command line (not their defaults)."""
+    parser = get_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def run_title(args):
+    """dataset, target/guide and variant, for curves.png's title."""
+    variant = ["DYNAT" if args.labels == "dynamic" else {"true": "PGD-AT (true labels)", "lbgat": "LBGAT"}[args.labels]]
+    variant += ["Inner"] * args.inner + ["AWP"] * args.awp + [args.reweight.upper()] * (args.reweight != "none")
+    extra = [f"α={args.alpha:g}"] * (args.alpha > 0) + [f"β={args.beta:g}"] * (args.beta != 1)
+    extra += [f"guide warm-up {args.guide_warmup}"] * (args.guide_warmup > 0)
+    models = args.target + (f" target / {args.guide} guide" if args.labels != "true" else "")
+    return f"{args.dataset}: {models}, {'-'.join(variant)}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def plot_curves(rows, path, args):
+    """curves.png: accuracies (top) and losses with the learning rate (bottom) per epoch, with the
+    epoch of a collapse warning marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.ticker import MaxNLocator
+    fig, (acc, loss) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, height_ratios=[3, 2])
     for key in METRIC_CURVES:
         pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.grid(alpha=0.3)
+            acc.plot(*zip(*pts), marker="o", label=key)
+    for r in rows:
+        if r.get("warning"):
+            for ax in (acc, loss):
+                ax.axvline(r["epoch"], color="red", linestyle="--", alpha=0.6)
+            acc.annotate("target collapse warning", (r["epoch"], 0.97), color="red", fontsize=8, ha="right",
+                         rotation=90, va="top")
+    note = "\nsynthetic data: random images and labels, the accuracies mean nothing" * (args.dataset == "synthetic")
+    acc.set_title(run_title(args) + note, fontsize=9)
+    acc.set_ylabel("accuracy")
+    acc.set_ylim(0, 1)
+    acc.legend(fontsize=8)
+    acc.grid(alpha=0.3)
+    for key in ("loss_guide", "loss_target"):
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            loss.plot(*zip(*pts), marker=".", label=key)
+    loss.set_ylabel("training loss (epoch mean)")
+    loss.set_xlabel("epoch")
+    loss.grid(alpha=0.3)
+    lr = loss.twinx()
+    lr.step([r["epoch"] for r in rows], [r["lr"] for r in rows], where="mid", color="grey", label="lr")
+    lr.set_ylabel("learning rate", color="grey")
+    lines = loss.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
+    loss.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper right")
+    loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def evaluate_epoch(target, guide, data, args, device, amp, channels_last):
-    """Per-epoch figures: clean accuracy of both models on the test set, PGD-10 of the target
-    on the validation split when there is one (else the first --eval-pgd-n test images)."""
-    (x_test, y_test), val = data["test"], data["val"]
-    limit = args.batch_size if args.dry_run else None
-    common = dict(device=device, batch_size=max(args.batch_size, 256), amp=amp, channels_last=channels_last)
-    acc = lambda model, x, y, **kw: correct_mask(model, x[:limit], y[:limit], **common, **kw).float().mean().item()
-    x_pgd, y_pgd = val if val is not None else (x_test, y_test)
-    n = min(args.eval_pgd_n, len(y_pgd), limit or len(y_pgd))
-    pgd10 = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=10, loss="ce", start="uniform")
-    return {"guide_clean_acc": acc(guide, x_test, y_test) if guide is not None else None,
-            "target_clean_acc": acc(target, x_test, y_test),
-            "target_pgd_acc": robust_mask(target, x_pgd[:n], y_pgd[:n], pgd10, **common).float().mean().item(),
-            "pgd_split": "val" if val is not None else "test", "pgd_n": n}
+class Trainer:
+    """One training run's state, built once from its arguments: processes, the data on the device,
+    both models, the optimizer, its paths and where it resumes. The loop functions take it whole."""
 
+    def __init__(self, args, ckpt=None):
+        self.args = args
+        self.rank, self.world, self.device = init_processes(args.device)
+        self.main_process = self.rank == 0
+        if args.batch_size < self.world:
+            raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must be >= the {self.world} processes")
+        out = args.out_dir
+        self.last_path, self.best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+        self.metrics_path = os.path.join(out, "metrics.jsonl")
+        if not args.resume and os.path.isdir(out) and os.listdir(out):
+            if not args.overwrite:
+                raise UsageError(f"--out-dir {out} is not empty: pass --resume {out} to continue it or --overwrite")
+            if self.main_process:  # a stale best.pt of the old run must not pass for this run's
+                for path in (self.last_path, self.best_path):
+                    if os.path.isfile(path):
+                        os.remove(path)
+        configure_backends(args.deterministic)
+        self.amp, self.channels_last = amp_dtype(args.amp, self.device), args.channels_last
+        # One shape for every evaluation forward where shapes cost: cuDNN autotuning, compiled graphs.
+        self.fixed_shapes = self.device.type == "cuda" or args.compile
+        self.load_data()
+        self.build_models()
+        self.start_epoch, self.sums, self.best_val = 1, new_epoch_sums(), -1.0
+        if ckpt is not None:
+            self.restore(ckpt)
+        self.average = (lambda ts: all_mean(ts, self.world)) if self.world > 1 else None
+        self.warned = False
 
-def run(args):
-    from tqdm import tqdm
+    def log(self, *a):
+        if self.main_process:
+            print(*a, flush=True)
 
-    ckpt = None
-    if args.resume:
-        args, ckpt = resolve_resume(args)
-    validate_args(args)
-    rank, world, device = init_processes(args.device)
-    main_process = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
-    if args.batch_size < world:
-        raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must be >= the {world} processes")
-    out = args.out_dir
-    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if not args.resume and os.path.isdir(out) and os.listdir(out):
-        if not args.overwrite:
-            raise UsageError(f"--out-dir {out} is not empty: pass --resume {out} to continue it or --overwrite")
-        if main_process:  # a stale best.pt of the old run must not pass for this run's
-            for path in (last_path, best_path):
-                if os.path.isfile(path):
-                    os.remove(path)
+    def load_data(self):
+        """The dataset as uint8 tensors on the device; --train-size and --val-size applied."""
+        args = self.args
+        data = first_on_each_node(self.world, lambda: load_data(args.dataset, args.data_dir, args.workers))
+        data["train"] = class_balanced_subset(data["train"], args.train_size, data["classes"])
+        (x_train, y_train), data["val"] = split_validation(data["train"], args.val_size, args.seed)
+        if len(y_train) == 0 or len(data["test"][1]) == 0:
+            raise UsageError(f"{args.dataset} at {args.data_dir}: no images in the training or test split")
+        if args.dataset == "synthetic":
+            self.log("synthetic data: random images and labels; every accuracy below means nothing")
+        self.x_train, self.y_train = x_train.to(self.device), y_train.to(self.device)  # uint8 N x 3 x H x W, int64 N
+        self.data, self.classes = data, data["classes"]
 
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = amp_dtype(args.amp, device)
-    channels_last = args.channels_last
-
-    # Under torchrun, each node's first process loads (and downloads) before the others read.
-    first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if world > 1 and not first_on_node:
-        dist.barrier()
-    data = load_data(args.dataset, args.data_dir, args.workers)
-    if world > 1 and first_on_node:
-        dist.barrier()
-    data["train"] = class_balanced_subset(data["train"], args.train_size, data["classes"])
-    (x_train, y_train), data["val"] = split_validation(data["train"], args.val_size, args.seed)
-    if len(y_train) == 0 or len(data["test"][1]) == 0:
-        raise UsageError(f"{args.dataset} at {args.data_dir}: no images in the training or test split")
-    if args.dataset == "synthetic":
-        log("synthetic data: random images and labels; every accuracy below means nothing")
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    classes = data["classes"]
-
-    torch.manual_seed(args.seed)  # identical initial weights on every process
-    target = build_model(args.target, classes).to(device)
-    guide = build_model(args.guide, classes).to(device) if args.labels != "true" else None
-    models = [m for m in (target, guide) if m is not None]
-    if args.sync_bn and world > 1:
-        models = [synchronise_batchnorm(m, device) for m in models]
-        target, guide = models[0], (models[1] if guide is not None else None)
-    for m in models:
-        m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD([p for m in models for p in m.parameters()], lr=args.lr,
-                                momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-
-    start_epoch, start_step, partial, best_val = 1, 0, None, -1.0
-    if ckpt is not None:
-        load_weights(target, ckpt["target"], f"{last_path} [target]", log)
-        if guide is not None:
-            load_weights(guide, ckpt["guide"], f"{last_path} [guide]", log)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
-        partial, best_val = ckpt["partial"], ckpt["best_val"]
-        ckpt = None  # free the host copy of weights and optimizer state
-        log(f"resumed {out} at epoch {start_epoch}, batch {start_step}")
-    if main_process:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-        rows = []
-        if os.path.isfile(metrics_path):  # drop epochs written after the checkpoint we resume from
-            with open(metrics_path) as f:
-                rows = [r for r in map(json.loads, f) if r["epoch"] < start_epoch]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    if args.compile:
+    def build_models(self):
+        """Target, guide (none with --labels true), one SGD over both (Eq. 6) and fp16's GradScaler."""
+        args, device = self.args, self.device
+        torch.manual_seed(args.seed)  # identical initial weights on every process
+        target = build_model(args.target, self.classes).to(device)
+        guide = build_model(args.guide, self.classes).to(device) if args.labels != "true" else None
+        models = [m for m in (target, guide) if m is not None]
+        if args.sync_bn and self.world > 1:
+            models = [synchronise_batchnorm(m, device) for m in models]
         for m in models:
-            m.compile()
-    average = (lambda ts: all_mean(ts, world)) if world > 1 else None
+            m.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.target, self.guide, self.models = models[0], (models[1] if guide is not None else None), models
+        self.optimizer = torch.optim.SGD([p for m in models for p in m.parameters()], lr=args.lr,
+                                         momentum=args.momentum, weight_decay=args.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        if args.compile:  # after the weights are final: nn.Module.compile keeps the state_dict keys plain
+            for m in models:
+                m.compile()
 
-    stop = {"signal": None}
+    def restore(self, ckpt):
+        """Continue from last.pt: weights, optimizer, scaler, epoch, the position and sums mid-epoch."""
+        load_weights(self.target, ckpt["target"], f"{self.last_path} [target]", self.log)
+        if self.guide is not None:
+            load_weights(self.guide, ckpt["guide"], f"{self.last_path} [guide]", self.log)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.best_val = ckpt["epoch"] + 1, ckpt["best_val"]
+        self.sums = {**new_epoch_sums(), **(ckpt["partial"] or {}), "step": ckpt["step"]}
 
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt  # a second signal: stop now
-        stop["signal"] = signum
+    def checkpoint(self, epoch_done, sums=None):
+        """last.pt (rank 0): everything a resume needs; mid-epoch, `sums` holds the position."""
+        if self.main_process:
+            save_atomic({**self.weights(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                         "epoch": epoch_done, "step": int(sums["step"]) if sums else 0, "partial": sums,
+                         "best_val": self.best_val}, self.last_path)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
+    def weights(self):
+        """What every checkpoint holds: plain state_dicts plus what rebuilds the models, and provenance."""
+        return {"target": self.target.state_dict(), "classes": self.classes, "args": vars(self.args),
+                "guide": self.guide.state_dict() if self.guide is not None else None, "provenance": provenance()}
 
-    def weights():  # what every checkpoint holds: plain state_dicts plus what rebuilds the models
-        return {"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else None,
-                "classes": classes, "args": vars(args)}
+    def start_files(self):
+        """args.json, and metrics.jsonl cut back to the epochs before the one we start at."""
+        if not self.main_process:
+            return
+        os.makedirs(self.args.out_dir, exist_ok=True)
+        with open(os.path.join(self.args.out_dir, "args.json"), "w") as f:
+            json.dump(vars(self.args), f, indent=1)
+        rows = []
+        if os.path.isfile(self.metrics_path):
+            with open(self.metrics_path) as f:
+                rows = [r for r in map(json.loads, f) if r["epoch"] < self.start_epoch]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.warned = any(r.get("warning") for r in rows)
 
-    def checkpoint(epoch_done, step, partial_sums):
-        if main_process:
-            save_atomic({**weights(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch_done, "step": step, "partial": partial_sums, "best_val": best_val,
-                         "rng": {"torch": torch.get_rng_state(),
-                                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}},
-                        last_path)
 
-    log(f"training {args.target} (target) with {args.guide if guide is not None else 'no'} guide on "
-        f"{args.dataset} ({len(y_train)} train images, {classes} classes), {world} process(es) on {device}, "
-        f"amp={amp}, channels_last={channels_last}")
-    for epoch in range(start_epoch, args.epochs + 1):
-        lr = learning_rate(epoch, args.lr, args.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        settings = loss_settings(args, epoch)
-        batches = epoch_batches(len(y_train), args.batch_size, args.seed, epoch)[:1 if args.dry_run else None]
-        if len(batches[-1]) < world:  # a last batch too small to give every process an image
-            batches = batches[:-1]
-        sums = partial or {"loss_guide": 0.0, "loss_target": 0.0, "dyn_correct": 0.0, "seen": 0.0, "seconds": 0.0}
-        partial = None
-        bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch}", disable=not main_process,
-                   leave=False, mininterval=1.0, dynamic_ncols=True)
-        t0 = time.time()
-        for step in range(start_step, len(batches)):
-            idx = batches[step].to(device)
-            # The global batch is augmented identically on every process, then split, so N
-            # processes see exactly the images one process would; the attack's random start
-            # then draws from a per-process seed.
-            torch.manual_seed(step_seed(args.seed, epoch, step, 0))
-            x, y = train_batch(x_train, y_train, idx, device, channels_last)
-            share = 1.0
-            if world > 1:
-                x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-                torch.manual_seed(step_seed(args.seed, epoch, step, rank))
-                # Unequal shares: weight each process's mean so the average is the global batch's mean.
-                share = len(y) * world / len(idx)
-            loss, stats = dynat_loss(target, guide, x, y, **settings, amp=amp, loss_scale=scaler.scale,
-                                     average=average)
-            names = ["loss_guide", "loss_target"] + (["loss_iseat"] if "loss_iseat" in stats else [])
-            values = torch.stack([stats[k].float() * share for k in names]
-                                 + [stats.get("dyn_correct", y.new_zeros(())).float(), y.new_tensor(len(y)).float()])
-            optimizer_step(loss * share, optimizer, scaler, models, world, sync_buffers=not args.sync_bn)
-            if world > 1:
-                dist.all_reduce(values)  # sums over processes (losses are averaged below)
-            # The step's one host sync, after the update is queued so a GPU never waits on it. A
-            # non-finite loss stops the run before anything is saved: last.pt stays the last good state.
-            values = values.tolist()
-            for name, v in zip(names, values):
-                if not math.isfinite(v):
-                    raise NonFiniteLoss(f"{name} is {v} at epoch {epoch}, batch {step + 1}; "
-                                        f"{last_path} holds the last good state")
-            sums["loss_guide"] += values[0] / world
-            sums["loss_target"] += values[1] / world
-            sums["dyn_correct"] += values[-2]
-            sums["seen"] += values[-1]
-            bar.update(1)
-            bar.set_postfix(loss=f"{(values[0] + values[1]) / world:.3f}",
-                            dyn_acc=f"{sums['dyn_correct'] / sums['seen']:.3f}")
-            # On the device only for NCCL, which reduces device tensors only: no extra copy otherwise.
-            flag = torch.tensor([stop["signal"] or 0], device=device if world > 1 else "cpu")
-            if world > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every process stops at the same batch
-            if flag.item():
-                bar.close()
-                sums["seconds"] += time.time() - t0
-                checkpoint(epoch - 1, step + 1, sums)
-                name = signal.Signals(flag.item()).name
-                log(f"interrupted by {name} at epoch {epoch}, batch {step + 1}: saved {last_path}; "
-                    f"continue with: python dynat.py --resume {out}")
-                return 128 + flag.item()
-        bar.close()
-        start_step = 0
-        sums["seconds"] += time.time() - t0
-        n_batches = len(batches)
-        row = {"epoch": epoch, "lr": lr, "seconds": round(sums["seconds"], 3),
-               "loss_guide": sums["loss_guide"] / n_batches if guide is not None else None,
-               "loss_target": sums["loss_target"] / n_batches,
-               "dynamic_label_acc": sums["dyn_correct"] / sums["seen"] if guide is not None else None}
-        if main_process and (epoch % args.eval_every == 0 or epoch == args.epochs):
-            row.update(evaluate_epoch(target, guide, data, args, device, amp, channels_last))
-        else:
-            row.update(dict.fromkeys(("guide_clean_acc", "target_clean_acc", "target_pgd_acc",
-                                      "pgd_split", "pgd_n")))
-        improved = data["val"] is not None and row["target_pgd_acc"] is not None and row["target_pgd_acc"] >= best_val
+def end_epoch(trainer, epoch, sums):
+    """The epoch's metrics row (training sums, evaluation on rank 0, a collapse warning at most once
+    per run), appended to metrics.jsonl and curves.png, then last.pt and best.pt."""
+    args, guide = trainer.args, trainer.guide
+    n_steps = max(sums["step"], 1)
+    row = {"epoch": epoch, "lr": learning_rate(epoch, args.lr, args.epochs), "seconds": round(sums["seconds"], 3),
+           "target_trained": epoch > args.guide_warmup,
+           "loss_guide": sums["loss_guide"] / n_steps if guide is not None else None,
+           "loss_target": sums["loss_target"] / n_steps if epoch > args.guide_warmup else None,
+           "dynamic_label_acc": sums["dyn_correct"] / sums["seen"] if guide is not None else None}
+    if trainer.main_process and (epoch % args.eval_every == 0 or epoch == args.epochs):
+        row.update(evaluate_epoch(trainer))
+    else:
+        row.update(dict.fromkeys(("guide_clean_acc", "target_clean_acc", "guide_pred_classes",
+                                  "target_pred_classes", "target_pgd_acc", "pgd_split", "pgd_n")))
+    row["warning"] = None if trainer.warned else collapse_warning(row, trainer.classes, args.guide_warmup + 1)
+    trainer.warned = trainer.warned or row["warning"] is not None
+    improved = trainer.data["val"] is not None and row["target_pgd_acc"] is not None and row["target_pgd_acc"] >= trainer.best_val
+    if improved:
+        trainer.best_val = row["target_pgd_acc"]
+    if trainer.main_process:
+        with open(trainer.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(trainer.metrics_path) as f:
+            plot_curves([json.loads(line) for line in f], os.path.join(args.out_dir, "curves.png"), args)
+        trainer.checkpoint(epoch)
         if improved:
-            best_val = row["target_pgd_acc"]
-        if main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            with open(metrics_path) as f:
-                plot_curves([json.loads(line) for line in f], os.path.join(out, "curves.png"))
-            checkpoint(epoch, 0, None)
-            if improved:
-                save_atomic({**weights(), "epoch": epoch, "val_pgd_acc": best_val}, best_path)
-            fmt = lambda v: "-" if v is None else f"{v:.4f}"
-            log(f"epoch {epoch:3d} lr {lr:.4f} {row['seconds']:.1f}s | loss guide {fmt(row['loss_guide'])} "
+            save_atomic({**trainer.weights(), "epoch": epoch, "val_pgd_acc": trainer.best_val}, trainer.best_path)
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"
+        trainer.log(f"epoch {epoch:3d} lr {row['lr']:.4f} {row['seconds']:.1f}s | loss guide {fmt(row['loss_guide'])} "
                 f"target {fmt(row['loss_target'])} | dyn-label acc {fmt(row['dynamic_label_acc'])} | clean guide "
                 f"{fmt(row['guide_clean_acc'])} target {fmt(row['target_clean_acc'])} | PGD-10 "
                 f"{fmt(row['target_pgd_acc'])} ({row['pgd_split']}, n={row['pgd_n']})")
-        if world > 1:
-            check_replicas(models)
-            dist.barrier()  # the others wait while rank 0 evaluates and writes
+        if row["warning"]:
+            print(row["warning"], file=sys.stderr, flush=True)
+    if trainer.world > 1:
+        check_replicas(trainer.models)
+        dist.barrier()  # the others wait while rank 0 evaluates and writes
+
+
+def run(args, given=()):
+    """Train: Algorithm 1 for --epochs epochs, one checkpoint per epoch. Returns the exit code."""
+    ckpt = None
+    if args.resume:
+        args, ckpt = resolve_resume(args, given)
+    validate_args(args)
+    trainer = Trainer(args, ckpt)
+    if trainer.start_epoch > args.epochs:
+        trainer.log(f"{args.out_dir} already finished its {args.epochs} epochs: nothing to do")
+        return 0
+    trainer.start_files()
+    if ckpt is not None:
+        trainer.log(f"resumed {args.out_dir} at epoch {trainer.start_epoch}, batch {int(trainer.sums['step'])}")
+    del ckpt  # free the host copy of the weights and the optimizer state
+    trainer.log(f"training {args.target} (target) with {args.guide if trainer.guide is not None else 'no'} guide on "
+            f"{args.dataset} ({len(trainer.y_train)} train images, {trainer.classes} classes), {trainer.world} process(es) on "
+            f"{trainer.device}, amp={trainer.amp}, channels_last={trainer.channels_last}")
+    with GracefulStop() as stop:
+        for epoch in range(trainer.start_epoch, args.epochs + 1):
+            sums, trainer.sums = trainer.sums, new_epoch_sums()
+            signum = train_epoch(trainer, epoch, sums, stop)
+            if signum:
+                trainer.checkpoint(epoch - 1, sums)
+                trainer.log(f"interrupted by {signal.Signals(signum).name} at epoch {epoch}, batch {int(sums['step'])}: "
+                        f"saved {trainer.last_path}; continue with: python dynat.py --resume {args.out_dir}")
+                return 128 + signum
+            end_epoch(trainer, epoch, sums)
     return 0
 
 
 def main(argv=None):
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # run() installs its own
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(get_parser().parse_args(argv))
+        return run(get_parser().parse_args(argv), given_flags(argv))
     except UsageError as e:
         print(f"dynat.py: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"dynat.py: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("dynat.py: stopped at once by a second signal; last.pt holds the last saved state", file=sys.stderr)
+        return 130
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -218,16 +218,18 @@ def test_dynat_loss_runs_guide_once_and_attacks_target_in_eval_mode():
     seen = {"guide": [], "target": []}
     guide.register_forward_pre_hook(lambda m, inp: seen["guide"].append(m.training))
     target.register_forward_pre_hook(lambda m, inp: seen["target"].append(m.training))
-    for alpha, inner in [(0.0, True), (1.0, False)]:
+    for alpha, inner, clean_bn in [(0.0, True, True), (0.0, True, False), (1.0, False, True), (1.0, False, False)]:
         seen["guide"].clear(), seen["target"].clear()
         before = {n: b.clone() for n, b in target.named_buffers()}
         torch.manual_seed(0)
-        dynat.dynat_loss(target, guide, x, y, **ATTACK, inner=inner, alpha=alpha)
+        dynat.dynat_loss(target, guide, x, y, **ATTACK, inner=inner, alpha=alpha, clean_bn=clean_bn)
         assert seen["guide"] == [True]  # SPEC 2.1: one clean forward, train mode
         attack = ATTACK["num_steps"] + (0 if inner else 1)  # the KL attack also needs p(f_t(x))
-        assert seen["target"] == [False] * attack + [True] * (2 if alpha > 0 else 1)  # f_t(x) only when alpha > 0
+        # f_t(x') then f_t(x) in train mode (the release's BN statistics); without clean_bn f_t(x) only for alpha > 0
+        train_forwards = 2 if alpha > 0 or clean_bn else 1
+        assert seen["target"] == [False] * attack + [True] * train_forwards
         # the eval-mode attack leaves BN statistics alone: each buffer moved by train forwards only
-        assert target.bn1.num_batches_tracked.item() == before["bn1.num_batches_tracked"].item() + (2 if alpha else 1)
+        assert target.bn1.num_batches_tracked.item() == before["bn1.num_batches_tracked"].item() + train_forwards
 
 
 def test_dynat_loss_true_labels_needs_no_guide():
