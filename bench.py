@@ -4,28 +4,31 @@ A DYNAT step needs K attack iterations (target forward + input gradient) and two
 (target and guide forward + backward). This script times, in one process, on synthetic data:
 
   ours     dynat.dynat_loss called exactly as dynat.py's training loop calls it (augment, loss,
-           zero_grad, scaler.scale(loss).backward(), scaler.step, scaler.update)
+           zero_grad, scaler.scale(loss).backward(), scaler.step, scaler.update, the step's one
+           host read); with --compile also "ours ... +compile" rows (compiled copies of the models)
   floor    the pass-count floor: K x target forward+input-gradient + one target forward+backward
-           + one guide forward+backward (+ AWP's target forward+weight-gradient with --awp; + the
-           clean target forward of the KL attack without --inner; + the clean target pass of the
-           TRADES term with --alpha > 0), each piece timed on its own with the same models and precision
-  literal  BASELINE: the release's compute pattern (guide re-run inside every attack step, an unused
-           clean forward of the target, fp32, NCHW, eager), deliberately naive, one row per run
+           + one guide forward+backward (+ the clean target forward of the release's BatchNorm
+           statistics, --clean-bn, without --alpha; + AWP's target forward+weight-gradient with --awp;
+           + the clean target forward of the KL attack without --inner; + the clean target pass of
+           the TRADES term with --alpha > 0), each piece timed on its own with the same models and
+           precision, eager
+  literal  BASELINE: the release's compute pattern (guide re-run inside every attack step, a clean
+           forward of the target, fp32, NCHW, eager), deliberately naive, one row per run
 
 Times are medians over --steps rounds after --warmup rounds; each round runs every row and floor
 piece once in turn, so all of them see the same machine (CUDA events on CUDA, time.perf_counter on
-CPU). Peak memory: torch.cuda.max_memory_allocated of one extra step per row on CUDA; on CPU only
-the process's peak RSS over all rows (resource.getrusage ru_maxrss), in the header.
-MFU (CUDA only): FLOPs of one real step counted by torch.utils.flop_counter.FlopCounterMode
-(convolutions and matmuls as executed, forward and backward; counted once, eager, before
---compile) / median step time / a matmul peak measured here (an 8192^2 matmul in the row's
-precision; fp32 rows use TF32, which dynat.py allows).
+CPU). Peak memory (CUDA): torch.cuda.max_memory_allocated during one extra step of the row, minus
+what was allocated before it (every model and optimizer alive in the process is in both); on CPU
+only the process's peak RSS over all rows (getrusage ru_maxrss), in the header.
+FLOPs: one real step of ours, eager, counted by FlopCount (torch.utils.flop_counter's formulas for
+matmuls and convolutions, forward and backward), on every device. MFU = FLOPs / median step time /
+peak, against two peaks: a matmul measured here in the row's precision (8192^2 on CUDA, 2048^2 on
+a CPU), and on the GPUs of DATASHEET_TFLOPS the datasheet's dense peak. fp32 rows on a GPU of compute
+capability 8.0 or newer run TF32 (dynat.py allows it) and are labelled so.
 
 Quick start (CPU, a few minutes on 2 cores):
   python bench.py --target wrn-16-4 --guide wrn-16-2 --batch-size 64 --inner --amp none,bf16 --steps 5 --warmup 2
-Last measured (that command, channels_last on as by default; 2 vCPU AMD EPYC family 26 "Zen 5",
-avx512_bf16, no AMX; torch 2.14.1+cu130; load average 0.8-1.8):
-  literal fp32 5081 ms | ours fp32 3485 ms (0.69x literal, 1.01x floor) | ours bf16 1908 ms (0.38x, 0.97x)
+Last measured: see README, "Performance" (hardware, torch version and the table).
 """
 import argparse
 import copy
@@ -38,12 +41,24 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import dynat
 from models import ARCH_HELP
 
 PRECISIONS = ("none", "bf16", "fp16")
+# Dense (no sparsity) datasheet peaks in TFLOP/s: (fp32, tf32, bf16, fp16), matched by substrings of
+# torch.cuda.get_device_name in this order. Any other GPU gets MFU against the measured matmul only.
+DATASHEET_TFLOPS = (
+    ("H200", (67.0, 494.7, 989.4, 989.4)),
+    ("H100 NVL", None),                     # not in the table: measured peak only
+    ("H100 PCIe", (51.2, 378.0, 756.0, 756.0)),
+    ("H100", (67.0, 494.7, 989.4, 989.4)),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", (19.5, 156.0, 312.0, 312.0)),
+    ("L40S", (91.6, 183.0, 362.0, 362.0)),
+    ("V100", (15.7, None, None, 125.0)),
+)
 
 
 def precision_list(text):
@@ -70,7 +85,10 @@ def get_parser():
       help="autocast precision(s) of our step: none, bf16, fp16 or a comma list (none,bf16) timed in one run")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
       help="channels_last for our step and the floor (dynat.py's default)")
-    a("--compile", action="store_true", help="torch.compile both models (our step and the floor; the literal baseline stays eager)")
+    a("--clean-bn", action=argparse.BooleanOptionalAction, default=True,
+      help="dynat.py's --clean-bn: the release's clean target forward for the BatchNorm statistics")
+    a("--compile", action="store_true",
+      help="also time compiled copies of the models (torch.compile) as '+compile' rows beside the eager ones")
     a("--steps", type=int, default=10, help="timed steps; the median is reported")
     a("--warmup", type=int, default=3, help="untimed steps before timing (cuDNN autotuning, compilation, allocator)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -110,21 +128,64 @@ def time_round_robin(fns, device, steps, warmup):
 
 
 def peak_mib(fn, device):
-    """Peak memory of one call of fn: CUDA max_memory_allocated; CPU None (see the process's peak RSS)."""
+    """Memory one call of fn adds at its peak, above what was allocated before it (so the models and
+    optimizers of the other rows, alive in the process, do not count): CUDA; on a CPU None (the
+    process's peak RSS is in the header)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
 def matmul_peak(device, dtype):
-    """FLOP/s of a large square matmul in `dtype` (the MFU denominator), measured here."""
-    n = 8192
+    """FLOP/s of a large square matmul in `dtype` (an MFU denominator), measured here."""
+    n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / statistics.median(time_round_robin({"mm": lambda: a @ b}, device, 10, 3)["mm"])
+
+
+def runs_tf32(device):
+    """fp32 matmuls and convolutions of dynat.py run as TF32 here (it allows TF32; Ampere and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def datasheet_peak(device_name, precision):
+    """(GPU row, dense TFLOP/s) of DATASHEET_TFLOPS for a precision of fp32/tf32/bf16/fp16, or None."""
+    for name, peaks in DATASHEET_TFLOPS:
+        if name in device_name:
+            value = peaks and peaks[("fp32", "tf32", "bf16", "fp16").index(precision)]
+            return (name, value) if value else None
+    return None
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the matmuls and convolutions run inside, forward and backward, by the formulas of
+    torch.utils.flop_counter. (FlopCounterMode itself cannot count a DYNAT step: its module tracker
+    raises "A leaf node was passed to _will_engine_execute_node" at the attack's torch.autograd.grad
+    w.r.t. the leaf x_adv, PyTorch issue 131753. Same formulas, no module tracker.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn (eager)."""
+    with FlopCount() as counter:
+        fn()
+    return counter.total
 
 
 # ----------------------------------------------------------------------------- steps
@@ -145,9 +206,8 @@ def our_step_fn(target, guide, optimizer, scaler, next_batch, settings, amp):
     def step():
         x, y = next_batch()
         loss, stats = dynat.dynat_loss(target, guide, x, y, **settings, amp=amp, loss_scale=scaler.scale)
-        # run() reads the losses back every step (finiteness check, progress bar): that host sync is kept.
-        torch.stack([stats["loss_guide"].float(), stats["loss_target"].float()]).tolist()
         dynat.optimizer_step(loss, optimizer, scaler, [m for m in (target, guide) if m is not None])
+        dynat.step_values(stats, 1.0).tolist()  # the training loop's one host read per step
     return step
 
 
@@ -251,6 +311,12 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
         target_loss().backward()
     pieces["target fwd+bwd" + (" (x' and x)" if alpha > 0 else "")] = (target_fwd_bwd, 1)
 
+    if settings["clean_bn"] and alpha == 0:
+        def clean_bn_forward():  # the release's BatchNorm statistics: f_t(x) in train mode, no graph
+            with torch.no_grad(), ctx():
+                target(x).float()
+        pieces["target clean fwd (BN statistics)"] = (clean_bn_forward, 1)
+
     def guide_fwd_bwd():
         guide.zero_grad(set_to_none=True)
         with ctx():
@@ -267,6 +333,71 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
 
 # ----------------------------------------------------------------------------- main
 
+def build(args, device):
+    """The models, and {(row, precision): step fn} plus each precision's floor pieces, all sharing the
+    same initial weights; the literal baseline takes eager fp32 NCHW copies before anything else."""
+    # dynat.py's defaults for everything not benchmarked (epsilon, step size, beta, AWP gamma, ...).
+    dyn_args = dynat.get_parser().parse_args(["--target", args.target, "--guide", args.guide,
+                                              "--num-steps", str(args.num_steps), "--alpha", str(args.alpha)]
+                                             + ["--inner"] * args.inner + ["--awp"] * args.awp
+                                             + ["--no-clean-bn"] * (not args.clean_bn))
+    dynat.validate_args(dyn_args)
+    settings = dynat.loss_settings(dyn_args, epoch=dyn_args.awp_warmup if args.awp else 1)  # AWP on if asked
+    torch.manual_seed(0)
+    target, guide = dynat.build_model(args.target, 10).to(device), dynat.build_model(args.guide, 10).to(device)
+    fns = {("literal", "fp32"): literal_step_fn(target, guide, batch_fn(device, args.batch_size, False),
+                                                settings, dyn_args.lr)}
+    variants = [("", target, guide)]
+    if args.compile:  # compiled copies beside the eager models: both rows in one run
+        variants.append(("+compile", copy.deepcopy(target), copy.deepcopy(guide)))
+    next_batch = batch_fn(device, args.batch_size, args.channels_last)
+    pieces, amps = {}, {}
+    for suffix, t, g in variants:
+        for m in (t, g):
+            m.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+            if suffix:
+                m.compile()
+        optimizer = torch.optim.SGD([*t.parameters(), *g.parameters()], lr=dyn_args.lr,
+                                    momentum=dyn_args.momentum, weight_decay=dyn_args.weight_decay)
+        for precision in args.amp:
+            name = ("fp32" if precision == "none" else precision) + suffix
+            amps[name] = dynat.amp_dtype(precision, device)
+            scaler = torch.amp.GradScaler(device.type, enabled=amps[name] == torch.float16)
+            fns[("ours", name)] = our_step_fn(t, g, optimizer, scaler, next_batch, settings, amps[name])
+            if not suffix:
+                pieces[name] = floor_pieces(t, g, next_batch, settings, amps[name], device)
+                fns.update({(name, piece): fn for piece, (fn, _) in pieces[name].items()})
+    # FLOPs of one eager step, the same for every precision (counted on a copy: the timed models stay as they are).
+    t, g = copy.deepcopy(target), copy.deepcopy(guide)
+    sgd = torch.optim.SGD([*t.parameters(), *g.parameters()], lr=dyn_args.lr)
+    flops = count_flops(our_step_fn(t, g, sgd, torch.amp.GradScaler(device.type, enabled=False), next_batch,
+                                    settings, None))
+    return fns, pieces, amps, flops
+
+
+def row_of(kind, name, times, median, pieces, amps, flops, device, fns, batch_size):
+    """One table row: time, throughput, memory; for ours the floor, the speed-up and the MFU."""
+    t = median[(kind, name)]
+    row = {"row": kind, "precision": name, "step_ms": 1e3 * t, "times_ms": [1e3 * s for s in times[(kind, name)]],
+           "img_per_s": batch_size / t, "peak_mib": peak_mib(fns[(kind, name)], device)}
+    if kind != "ours":
+        return row
+    eager = name.split("+")[0]
+    floor = sum(median[(eager, piece)] * n for piece, (_, n) in pieces[eager].items())
+    row.update(speedup_vs_literal=median[("literal", "fp32")] / t, floor_ms=1e3 * floor, step_over_floor=t / floor,
+               floor_pieces={piece: {"ms": 1e3 * median[(eager, piece)], "passes": n}
+                             for piece, (_, n) in pieces[eager].items()})
+    dtype = amps[name] or torch.float32
+    kernel = {torch.float32: "tf32" if runs_tf32(device) else "fp32", torch.bfloat16: "bf16",
+              torch.float16: "fp16"}[dtype]
+    measured = matmul_peak(device, dtype)
+    sheet = datasheet_peak(torch.cuda.get_device_name(device), kernel) if device.type == "cuda" else None
+    row.update(kernels=kernel, flops_per_step=flops, matmul_peak_tflops=measured / 1e12, mfu_measured=flops / t / measured,
+               datasheet_gpu=sheet and sheet[0], datasheet_peak_tflops=sheet and sheet[1],
+               mfu_datasheet=sheet and flops / t / (sheet[1] * 1e12))
+    return row
+
+
 def run(args):
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
@@ -274,81 +405,27 @@ def run(args):
     if args.num_steps < 0 or args.warmup < 0 or args.alpha < 0:
         raise dynat.UsageError("--num-steps, --warmup and --alpha must be >= 0")
     _, _, device = dynat.init_processes(args.device)
-    # As dynat.run(): fixed shapes let cuDNN autotune; TF32 for the fp32 matmuls/convs.
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    channels_last = args.channels_last
-
-    # dynat.py's defaults for everything not benchmarked (epsilon, step size, beta, AWP gamma, ...).
-    dyn_args = dynat.get_parser().parse_args(["--target", args.target, "--guide", args.guide,
-                                              "--num-steps", str(args.num_steps), "--alpha", str(args.alpha)]
-                                             + ["--inner"] * args.inner + ["--awp"] * args.awp)
-    dynat.validate_args(dyn_args)
-    settings = dynat.loss_settings(dyn_args, epoch=dyn_args.awp_warmup if args.awp else 1)  # AWP on if asked
-
-    torch.manual_seed(0)
-    target = dynat.build_model(args.target, 10).to(device)
-    guide = dynat.build_model(args.guide, 10).to(device)
-    # The baseline takes eager fp32 NCHW copies before our models are converted or compiled.
-    fns = {("literal", "fp32"): literal_step_fn(target, guide, batch_fn(device, args.batch_size, False),
-                                                settings, dyn_args.lr)}
-    for m in (target, guide):
-        m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD([*target.parameters(), *guide.parameters()], lr=dyn_args.lr,
-                                momentum=dyn_args.momentum, weight_decay=dyn_args.weight_decay)
-    next_batch = batch_fn(device, args.batch_size, channels_last)
-    flops = None
-    if device.type == "cuda":  # counted before compiling: a compiled graph hides its ops from the counter
-        with FlopCounterMode(display=False) as counter:
-            our_step_fn(target, guide, optimizer, torch.amp.GradScaler(device.type, enabled=False), next_batch,
-                        settings, dynat.amp_dtype(args.amp[0], device))()
-        flops = counter.get_total_flops()  # the same for every precision
-    if args.compile:
-        for m in (target, guide):
-            m.compile()
-    amps, pieces = {}, {}
-    for precision in args.amp:
-        name = "fp32" if precision == "none" else precision
-        amps[name] = dynat.amp_dtype(precision, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=amps[name] == torch.float16)
-        fns[("ours", name)] = our_step_fn(target, guide, optimizer, scaler, next_batch, settings, amps[name])
-        pieces[name] = floor_pieces(target, guide, next_batch, settings, amps[name], device)
-        fns.update({(name, piece): fn for piece, (fn, _) in pieces[name].items()})
-
+    dynat.configure_backends(deterministic=False)  # as dynat.py: cuDNN autotuning, TF32 for fp32
+    fns, pieces, amps, flops = build(args, device)
     load_before = os.getloadavg()[0]
     times = time_round_robin(fns, device, args.steps, args.warmup)
     load_after = os.getloadavg()[0]
     median = {key: statistics.median(t) for key, t in times.items()}
-    literal = median[("literal", "fp32")]
-    rows = []
-    for (kind, name), fn in fns.items():
-        if kind not in ("literal", "ours"):
-            continue
-        t = median[(kind, name)]
-        row = {"row": kind, "precision": name, "step_ms": 1e3 * t, "times_ms": [1e3 * s for s in times[(kind, name)]],
-               "img_per_s": args.batch_size / t, "peak_mib": peak_mib(fn, device)}
-        if kind == "ours":
-            floor = sum(median[(name, piece)] * n for piece, (_, n) in pieces[name].items())
-            row.update(speedup_vs_literal=literal / t, floor_ms=1e3 * floor, step_over_floor=t / floor,
-                       floor_pieces={piece: {"ms": 1e3 * median[(name, piece)], "passes": n}
-                                     for piece, (_, n) in pieces[name].items()})
-            if flops is not None:
-                peak = matmul_peak(device, amps[name] or torch.float32)
-                row.update(flops_per_step=flops, matmul_peak_tflops=peak / 1e12, mfu=flops / t / peak)
-        rows.append(row)
-
+    rows = [row_of(kind, name, times, median, pieces, amps, flops, device, fns, args.batch_size)
+            for kind, name in fns if kind in ("literal", "ours")]
     cuda = device.type == "cuda"
     return {"config": {"target": args.target, "guide": args.guide, "batch_size": args.batch_size,
                        "num_steps": args.num_steps, "inner": args.inner, "awp": args.awp, "alpha": args.alpha,
-                       "channels_last": channels_last, "compile": args.compile, "steps": args.steps,
-                       "warmup": args.warmup},
-            "env": {"device": str(device), "torch": torch.__version__,
+                       "clean_bn": args.clean_bn, "channels_last": args.channels_last, "compile": args.compile,
+                       "steps": args.steps, "warmup": args.warmup},
+            "env": {"device": str(device), **dynat.provenance(),
                     "device_name": torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads",
                     "timer": "cuda events" if cuda else "time.perf_counter",
-                    "peak_memory": "torch.cuda.max_memory_allocated of one step" if cuda else
-                    f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+                    "peak_memory": "torch.cuda.max_memory_allocated of one step above what was allocated before it" if cuda
+                    else f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
                     "(getrusage ru_maxrss, all rows together)",
-                    "mfu_flops": "FlopCounterMode over one real step" if cuda else None,
+                    "flops": "FlopCount over one real eager step (torch.utils.flop_counter's formulas)",
+                    "datasheet_gpus": [name for name, peaks in DATASHEET_TFLOPS if peaks],
                     "load_average": [load_before, load_after]},
             "rows": rows}
 
@@ -365,30 +442,38 @@ def print_table(result):
     c, e = result["config"], result["env"]
     variant = ("inner CE attack" if c["inner"] else "KL attack") + (", AWP" if c["awp"] else "") + f", alpha {c['alpha']:g}"
     print(f"DYNAT step: target {c['target']}, guide {c['guide']}, batch {c['batch_size']}, K={c['num_steps']}, {variant}, "
-          f"channels_last {c['channels_last']}, compile {c['compile']}")
-    print(f"{e['device_name']} ({e['device']}), torch {e['torch']}; median of {c['steps']} interleaved steps after "
-          f"{c['warmup']} warm-up ({e['timer']}); load average {e['load_average'][0]:.1f} -> {e['load_average'][1]:.1f}")
+          f"clean_bn {c['clean_bn']}, channels_last {c['channels_last']}")
+    print(f"{e['device_name']} ({e['device']}), torch {e['torch']}, commit {e['commit']}; median of {c['steps']} "
+          f"interleaved steps after {c['warmup']} warm-up ({e['timer']}); load average {e['load_average'][0]:.1f} -> "
+          f"{e['load_average'][1]:.1f}")
     print(f"peak memory: {e['peak_memory']}")
-    cuda = e["mfu_flops"] is not None
-    print(f"{'step':<14}{'ms/step':>10}{'img/s':>9}{'floor ms':>10}{'step/floor':>11}{'speed-up':>10}"
-          + (f"{'peak MiB':>10}{'MFU':>7}" if cuda else ""))
+    cuda = e["device"].startswith("cuda")
+    print(f"{'step':<22}{'ms/step':>10}{'img/s':>9}{'floor ms':>10}{'step/floor':>11}{'speed-up':>10}{'MFU':>8}"
+          + (f"{'sheet MFU':>10}{'peak MiB':>10}" if cuda else ""))
     for r in result["rows"]:
-        line = f"{r['row'] + ' ' + r['precision']:<14}{r['step_ms']:>10.1f}{r['img_per_s']:>9.1f}"
+        label = f"{r['row']} {r['precision']}" + (f" ({r['kernels']})" if r.get("kernels") == "tf32" else "")
+        line = f"{label:<22}{r['step_ms']:>10.1f}{r['img_per_s']:>9.1f}"
         if r["row"] == "literal":
-            line += f"{'-':>10}{'-':>11}{'1.00x':>10}"
+            line += f"{'-':>10}{'-':>11}{'1.00x':>10}{'-':>8}"
         else:
-            line += f"{r['floor_ms']:>10.1f}{r['step_over_floor']:>11.2f}{r['speedup_vs_literal']:>9.2f}x"
+            line += (f"{r['floor_ms']:>10.1f}{r['step_over_floor']:>11.2f}{r['speedup_vs_literal']:>9.2f}x"
+                     f"{r['mfu_measured']:>8.1%}")
         if cuda:
-            line += f"{r['peak_mib']:>10.0f}" + (f"{r['mfu']:>7.1%}" if "mfu" in r else f"{'-':>7}")
+            sheet = r.get("mfu_datasheet")
+            line += (f"{sheet:>10.1%}" if sheet else f"{'-':>10}") + f"{r['peak_mib']:>10.0f}"
         print(line)
-    print("speed-up: literal fp32 step / this step. floor pieces (median ms per pass x passes per step):")
+    print("speed-up: literal fp32 step / this step; +compile rows are compared with the eager floor. "
+          "floor pieces (median ms per pass x passes per step):")
     for r in result["rows"]:
-        if "floor_pieces" in r:
+        if "floor_pieces" in r and "+" not in r["precision"]:
             print(f"  {r['precision']:<5} " + " | ".join(f"{k} {v['ms']:.1f} x{v['passes']}" for k, v in r["floor_pieces"].items()))
-    if cuda:
-        print("MFU: FLOPs of one real step (torch.utils.flop_counter.FlopCounterMode) / median step time / a measured "
-              "8192^2 matmul's FLOP/s in the row's precision (" +
-              ", ".join(f"{r['precision']} {r['matmul_peak_tflops']:.0f} TFLOP/s" for r in result["rows"] if "mfu" in r) + ")")
+    ours = [r for r in result["rows"] if r["row"] == "ours"]
+    print(f"FLOPs per step {ours[0]['flops_per_step'] / 1e9:.1f} G ({e['flops']}). MFU: FLOPs / median step time / a "
+          "matmul measured here in the row's precision (" +
+          ", ".join(f"{r['precision']} {r['matmul_peak_tflops']:.2f} TFLOP/s" for r in ours) + ")" +
+          ("; sheet MFU: against the dense datasheet peak (" + ", ".join(
+              f"{r['precision']} {r['datasheet_gpu']} {r['datasheet_peak_tflops']:g}" for r in ours if r.get("datasheet_gpu"))
+           + f"); GPUs with a datasheet peak here: {', '.join(e['datasheet_gpus'])}" if cuda else ""))
 
 
 def main(argv=None):

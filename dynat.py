@@ -798,13 +798,14 @@ def evaluate_epoch(trainer):
 
 
 def collapse_warning(row, classes, first_target_epoch):
-    """A one-line diagnosis when the target is dead (one predicted class) or far behind its own labels
-    (clean accuracy under half the dynamic labels' agreement with y, from its third epoch on) while
-    those labels are clearly better than chance; None for a healthy target or a run without a guide."""
+    """A one-line diagnosis when the target is dead (one predicted class, from its second epoch on) or
+    far behind its own labels (clean accuracy under half the dynamic labels' agreement with y, from
+    its third epoch on) while those labels are clearly better than chance (at least twice chance);
+    None for a healthy target or a run without a guide."""
     dyn, acc, pred = row.get("dynamic_label_acc"), row.get("target_clean_acc"), row.get("target_pred_classes")
     if dyn is None or acc is None or classes < 2 or dyn < 2 / classes:
         return None
-    if pred == 1:
+    if pred == 1 and row["epoch"] > first_target_epoch:
         state = f"is dead: it predicts one class for every test image (clean accuracy {acc:.3f})"
     elif row["epoch"] >= first_target_epoch + 2 and acc < 0.5 * dyn:
         state = f"is far behind its labels: clean accuracy {acc:.3f}, its dynamic labels agree with y {dyn:.3f}"

@@ -728,3 +728,171 @@ def test_trades_style_wrn_checkpoint_loads_after_logged_mapping():
     dynat.load_weights(fresh, trades, "trades.pt", log=notes.append)
     assert any("module." in n for n in notes) and any("sub_block1" in n for n in notes)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in ours.items())
+
+
+# ----------------------------------------------------------------------------- 10. the release's BatchNorm statistics
+
+def first_bn_moments(conv_weight, inputs):
+    """Batch mean and unbiased variance per channel of the first conv's output: what the first
+    BatchNorm of the WRN (pre-activation: bn1 of the first block) sees."""
+    z = F.conv2d(inputs, conv_weight, padding=1).double()
+    n = z.numel() / z.shape[1]
+    mean = z.mean((0, 2, 3))
+    return mean, z.var((0, 2, 3), unbiased=False) * n / (n - 1)
+
+
+@pytest.mark.parametrize("clean_bn", [True, False])
+@pytest.mark.parametrize("awp_gamma", [0.0, 0.005])
+def test_target_bn_statistics_are_the_releases_adversarial_then_clean(spy, clean_bn, awp_gamma):
+    """The release runs f_t(x') then f_t(x) in train mode (at w + delta under AWP): running statistics
+    m <- (1 - mom) m + mom * batch, first with x', then with x. Recomputed by hand at the first BN."""
+    target, guide = make_models()
+    x, y = make_batch()
+    bn = target.block1.layer[0].bn1
+    m0, v0, mom = bn.running_mean.double().clone(), bn.running_var.double().clone(), bn.momentum
+    torch.manual_seed(0)
+    dynat.dynat_loss(target, guide, x, y, **ATTACK, inner=True, awp_gamma=awp_gamma, clean_bn=clean_bn)
+    w = target.conv1.weight.detach() + (spy["delta"]["conv1.weight"] if awp_gamma else 0)
+    mean_adv, var_adv = first_bn_moments(w, spy["x_adv"])
+    mean, var = (1 - mom) * m0 + mom * mean_adv, (1 - mom) * v0 + mom * var_adv
+    if clean_bn:
+        mean_nat, var_nat = first_bn_moments(w, x)
+        mean, var = (1 - mom) * mean + mom * mean_nat, (1 - mom) * var + mom * var_nat
+    torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-4, atol=1e-6)
+    assert bn.num_batches_tracked.item() == (2 if clean_bn else 1)
+
+
+# ----------------------------------------------------------------------------- 11. precision and scoring
+
+class Confident(nn.Module):
+    """A wrn-10-1 whose logits are scaled by 1000: p_y = 1 in float32, so its CE input gradient is tiny."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = models.build_model("wrn-10-1", C)
+
+    def forward(self, x):
+        return 1000 * self.net(x)
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_attack_moves_the_pixels_under_every_amp(amp, loss):
+    """fp16's input gradient underflows to 0 on a confident model and sign(0) = 0 would freeze PGD:
+    under any --amp the attack must move all but a few pixels by at least half a step."""
+    model = Confident().eval()
+    x, _ = make_batch(16)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    dtype = dynat.amp_dtype(amp, torch.device("cpu"))
+    torch.manual_seed(0)
+    x_adv, _ = dynat.perturb(model, x, y, epsilon=EPS, step_size=STEP, num_steps=10, loss=loss, amp=dtype)
+    unmoved = ((x_adv - x).abs() < STEP / 2).float().mean().item()
+    assert unmoved < 0.05, f"{unmoved:.1%} of the pixels never moved under --amp {amp}"
+
+
+def test_attack_precision_never_fp16():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert dynat.attack_dtype(torch.float16, cpu) is None
+    assert dynat.attack_dtype(torch.bfloat16, cpu) is torch.bfloat16 and dynat.attack_dtype(None, gpu) is None
+
+
+def test_amp_auto_picks_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
+    # A GPU that supports bf16 only by emulation (e.g. a V100): is_bf16_supported() is True by default.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert dynat.amp_dtype("auto", torch.device("cuda")) is None
+    assert dynat.attack_dtype(torch.float16, torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
+    assert dynat.amp_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert dynat.attack_dtype(torch.float16, torch.device("cuda")) is torch.bfloat16
+    assert dynat.amp_dtype("auto", torch.device("cpu")) is None
+
+
+def test_classify_counts_a_point_robust_only_if_correct_at_every_iterate(monkeypatch):
+    """An attack that misclassified a point at some iterate and returned to a correct one has broken it."""
+    target, _ = make_models()
+    x = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
+    with torch.no_grad():
+        y = target.eval()(dynat.to_input(x, "cpu")).argmax(1)  # every clean point correct
+    target.train()
+    steps = 3
+    kappa = torch.tensor([3, 2, 0, 3, 1, 3])  # iterates before the last still classified as y
+
+    def perturb(model, xb, yb, **kw):  # returns the clean point: the last iterate is correct
+        return xb, kappa[:len(yb)]
+    monkeypatch.setattr(dynat, "perturb", perturb)
+    attack = dict(epsilon=EPS, step_size=STEP, num_steps=steps, loss="ce", start="uniform")
+    pred, correct = dynat.classify(target, x, y, device=torch.device("cpu"), attack=attack)
+    assert torch.equal(pred, y)
+    assert correct.tolist() == (kappa == steps).tolist()
+    assert torch.equal(dynat.robust_mask(target, x, y, attack, device=torch.device("cpu")), kappa == steps)
+
+
+def test_classify_fixed_shape_pads_every_forward_to_one_batch_shape():
+    target, _ = make_models()
+    x = (torch.rand(11, 3, 16, 16) * 255).to(torch.uint8)
+    y = torch.randint(0, C, (11,))
+    shapes = []
+    target.register_forward_pre_hook(lambda m, inp: shapes.append(inp[0].shape[0]))
+    kw = dict(device=torch.device("cpu"), batch_size=4)
+    plain = dynat.classify(target, x, y, **kw)
+    assert shapes == [4, 4, 3]
+    shapes.clear()
+    padded = dynat.classify(target, x, y, fixed_shape=True, **kw)
+    assert shapes == [4, 4, 4]
+    assert torch.equal(plain[0], padded[0]) and torch.equal(plain[1], padded[1]) and len(padded[0]) == 11
+    shapes.clear()
+    attack = dict(epsilon=EPS, step_size=STEP, num_steps=2, loss="ce", start="uniform")
+    dynat.classify(target, x[:3], y[:3], fixed_shape=True, attack=attack, **kw)
+    assert set(shapes) == {4}
+
+
+def test_global_batchnorm_variance_is_never_negative(tmp_path):
+    """E[x^2] - mean^2 rounds below 0 for a large mean and a tiny spread (here by up to -0.08): clamped."""
+    import torch.distributed as dist
+    torch.manual_seed(0)
+    x = (300 + 200 * torch.rand(1, 4, 1, 1)) + 1e-3 * torch.rand(8, 4, 5, 5)
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        bn = dynat.GlobalBatchNorm2d(4).train()
+        out = bn(x)
+    finally:
+        dist.destroy_process_group()
+    assert torch.isfinite(out).all() and (bn.running_var >= 0).all()
+
+
+# ----------------------------------------------------------------------------- 12. collapse detection
+
+def epoch_row(epoch, dyn, acc, pred_classes):
+    return {"epoch": epoch, "dynamic_label_acc": dyn, "target_clean_acc": acc, "target_pred_classes": pred_classes}
+
+
+@pytest.mark.parametrize("row,fires", [
+    (epoch_row(2, 0.60, 0.10, 1), "is dead"),                     # one class for every image
+    (epoch_row(4, 0.74, 0.30, 10), "far behind"),                  # stunted: under half its labels' accuracy
+    (epoch_row(1, 0.60, 0.10, 1), None),                           # its first epoch: too early to say
+    (epoch_row(2, 0.15, 0.10, 1), None),                           # labels at chance: nothing to learn yet
+    (epoch_row(4, 0.80, 0.70, 10), None),                          # healthy
+    (epoch_row(2, 0.74, 0.30, 10), None),                          # behind, but in its first epochs
+    ({**epoch_row(4, None, 0.10, 1)}, None),                       # no guide (--labels true)
+])
+def test_collapse_warning(row, fires):
+    warning = dynat.collapse_warning(row, classes=10, first_target_epoch=1)
+    if fires is None:
+        assert warning is None
+    else:
+        assert fires in warning and "--guide-warmup" in warning and f"epoch {row['epoch']}" in warning
+
+
+def test_no_function_longer_than_80_lines():
+    import ast
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    long = []
+    for name in ("dynat.py", "evaluate.py", "bench.py"):
+        with open(os.path.join(root, name)) as f:
+            tree = ast.parse(f.read())
+        long += [f"{name}:{n.name} ({n.end_lineno - n.lineno + 1})" for n in ast.walk(tree)
+                 if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, long

@@ -1,0 +1,277 @@
+"""The training loop of dynat.py, in process: host reads per step, the guide warm-up, the collapse
+warning, --resume's refusals, and the MNIST-format and CIFAR loaders (on files built here: no download)."""
+import collections
+import contextlib
+import gzip
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dynat  # noqa: E402
+import models  # noqa: E402
+from test_scripts import make_imagefolder  # noqa: E402
+
+TINY = ["--target", "wrn-10-1", "--guide", "wrn-10-1", "--num-steps", "1", "--eval-pgd-n", "8", "--workers", "0",
+        "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_signals():
+    """One thread (tiny tensors), and the SIGINT/SIGTERM handlers as they were."""
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def trainer_for(argv):
+    args = dynat.get_parser().parse_args(argv)
+    dynat.validate_args(args)
+    return dynat.Trainer(args)
+
+
+# ----------------------------------------------------------------------------- host reads
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Count the Tensor calls that copy device data to the host and wait for it on a GPU. (`.to()` a
+    CPU device counts only from another device: on this CPU-only machine the training device is the CPU.)"""
+    counts = collections.Counter()
+    real = {name: getattr(torch.Tensor, name) for name in HOST_READS + ("to",)}
+
+    def counted(name):
+        def method(self, *a, **kw):
+            counts[name] += 1
+            return real[name](self, *a, **kw)
+        return method
+
+    def to(self, *a, **kw):
+        dest = kw.get("device", a[0] if a and isinstance(a[0], (str, torch.device)) else None)
+        if dest is not None and torch.device(dest).type == "cpu" and self.device.type != "cpu":
+            counts["to('cpu')"] += 1
+        return real["to"](self, *a, **kw)
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counted(name))
+        torch.Tensor.to = to
+        yield counts
+    finally:
+        for name, method in real.items():
+            setattr(torch.Tensor, name, method)
+
+
+def loop_argv(out):
+    # 5 steps of 32 on a class-balanced 160-image subset; AWP and MAIL on, as their paths run in the step
+    return ["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--awp", "--awp-warmup", "1",
+            "--reweight", "mail", "--reweight-start", "1", "--out-dir", str(out), *TINY]
+
+
+def count_reads_in_an_epoch(argv):
+    trainer = trainer_for(argv)
+    sums = dynat.new_epoch_sums()
+    with dynat.GracefulStop() as stop, counting_host_reads() as counts:
+        assert dynat.train_epoch(trainer, 2, sums, stop) is None
+    return int(sums["step"]), dict(counts)
+
+
+def test_one_host_read_per_training_step(tmp_path):
+    steps, counts = count_reads_in_an_epoch(loop_argv(tmp_path / "run"))
+    assert steps == 5
+    assert sum(counts.values()) <= steps, counts
+
+
+def _two_process_worker(rank, port, out, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        steps, counts = count_reads_in_an_epoch(loop_argv(out) + ["--sync-bn"])
+        with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+            json.dump({"steps": steps, "counts": counts}, f)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_at_most_two_host_reads_per_step_under_two_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_two_process_worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        with open(tmp_path / f"{rank}.json") as f:
+            result = json.load(f)
+        assert result["steps"] == 5
+        assert sum(result["counts"].values()) <= 2 * result["steps"], (rank, result["counts"])
+
+
+# ----------------------------------------------------------------------------- guide warm-up
+
+def test_guide_warmup_trains_the_guide_alone_then_algorithm_1(tmp_path):
+    trainer = trainer_for(["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "3",
+                           "--guide-warmup", "1", "--out-dir", str(tmp_path / "run"), *TINY])
+    target_before = {k: v.clone() for k, v in trainer.target.state_dict().items()}
+    guide_before = {k: v.clone() for k, v in trainer.guide.state_dict().items()}
+    with dynat.GracefulStop() as stop:
+        warm = dynat.new_epoch_sums()
+        dynat.train_epoch(trainer, 1, warm, stop)
+        # the target is untouched: weights, BatchNorm statistics, no momentum; the guide learned
+        assert all(torch.equal(v, target_before[k]) for k, v in trainer.target.state_dict().items())
+        assert not any(p in trainer.optimizer.state for p in trainer.target.parameters())
+        assert not all(torch.equal(v, guide_before[k]) for k, v in trainer.guide.state_dict().items())
+        assert warm["loss_target"] == 0 and warm["loss_guide"] > 0 and warm["step"] == 5
+        after = dynat.new_epoch_sums()
+        dynat.train_epoch(trainer, 2, after, stop)  # Algorithm 1 from here on
+    assert not all(torch.equal(v, target_before[k]) for k, v in trainer.target.state_dict().items())
+    assert after["loss_target"] > 0
+
+
+def test_guide_warmup_needs_a_guide_and_time_for_the_target(tmp_path, capsys):
+    for extra in (["--labels", "true", "--guide-warmup", "1"], ["--guide-warmup", "3"]):
+        rc = dynat.main(["--dataset", "synthetic", "--epochs", "3", "--out-dir", str(tmp_path / "x"), *extra])
+        assert rc == 2 and "--guide-warmup" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- collapse detection
+
+class ChannelGuide(nn.Module):
+    """Classifies the test ImageFolder by its dominant colour channel: near-perfect dynamic labels from the start."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        return self.scale * x.mean((2, 3))
+
+
+def run_with_guide(tmp_path, monkeypatch, capsys, dead_target):
+    real = dynat.build_model
+
+    def build(name, classes):
+        if name == "resnet18":  # the guide below
+            return ChannelGuide()
+        model = real(name, classes)
+        if dead_target:  # every final ReLU input far below 0: constant logits, and no gradient ever revives it
+            with torch.no_grad():
+                model.bn1.weight.zero_()
+                model.bn1.bias.fill_(-1000.0)
+        return model
+    monkeypatch.setattr(dynat, "build_model", build)
+    folder = make_imagefolder(tmp_path / "data", classes=3, train_per_class=32, test_per_class=16)
+    out = tmp_path / "run"
+    rc = dynat.main(["--dataset", "imagefolder", "--data-dir", folder, "--target", "wrn-10-1", "--guide", "resnet18",
+                     "--batch-size", "16", "--epochs", "4", "--num-steps", "2", "--lr", "0.05", "--eval-pgd-n", "16",
+                     "--workers", "0", "--device", "cpu", "--out-dir", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f], captured.err
+
+
+def test_a_dead_target_is_warned_about_once(tmp_path, monkeypatch, capsys):
+    rows, err = run_with_guide(tmp_path, monkeypatch, capsys, dead_target=True)
+    assert [r["target_pred_classes"] for r in rows] == [1, 1, 1, 1]
+    assert all(r["guide_pred_classes"] == 3 and r["dynamic_label_acc"] > 0.9 for r in rows)
+    assert err.count("warning:") == 1 and "is dead" in err and "--guide-warmup 1" in err
+    assert [bool(r["warning"]) for r in rows] == [False, True, False, False]  # its second epoch, once
+
+
+def test_a_healthy_target_gets_no_warning(tmp_path, monkeypatch, capsys):
+    rows, err = run_with_guide(tmp_path, monkeypatch, capsys, dead_target=False)
+    assert "warning:" not in err and not any(r["warning"] for r in rows)
+    assert rows[-1]["target_pred_classes"] > 1 and rows[-1]["target_clean_acc"] > 0.5
+
+
+# ----------------------------------------------------------------------------- --resume
+
+def test_resume_refuses_flags_that_would_change_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert dynat.main(["--dataset", "synthetic", "--epochs", "1", "--dry-run", "--batch-size", "16",
+                       "--out-dir", str(out), *TINY]) == 0
+    capsys.readouterr()
+    rc = dynat.main(["--resume", str(out), "--epochs", "4", "--lr", "0.05", "--seed", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--epochs 4 (the run has 1: the lr milestones" in err and "--lr 0.05 (the run has 0.1" in err
+    assert "--seed" not in err  # given, but the run's own value
+    # a finished run says so instead of silently doing nothing
+    assert dynat.main(["--resume", str(out)]) == 0
+    assert "already finished its 1 epochs: nothing to do" in capsys.readouterr().out
+    # what a resume may change is taken from the command line; the rest from the run
+    args = dynat.get_parser().parse_args(["--resume", str(out), "--eval-every", "3", "--data-dir", "/elsewhere"])
+    resumed, _ = dynat.resolve_resume(args, dynat.given_flags(["--resume", str(out), "--eval-every", "3",
+                                                               "--data-dir", "/elsewhere"]))
+    assert resumed.eval_every == 3 and resumed.data_dir == "/elsewhere" and resumed.dataset == "synthetic"
+    assert resumed.batch_size == 16 and resumed.epochs == 1
+
+
+# ----------------------------------------------------------------------------- data
+
+def write_idx(path, array):
+    """An idx file in the original MNIST format, gzipped: magic (0, 0, 0x08 = ubyte, ndim), big-endian sizes, data."""
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("dataset,folder", [("fashion-mnist", "FashionMNIST"), ("mnist", "MNIST")])
+def test_mnist_format_files_train_one_step(tmp_path, dataset, folder):
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    data = dynat.load_data(dataset, str(tmp_path))
+    x, y = data["train"]
+    assert x.shape == (40, 3, 28, 28) and x.dtype == torch.uint8 and data["classes"] == 10
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # grey as 3 channels
+    assert y.tolist() == [i % 10 for i in range(40)] and data["test"][0].shape == (20, 3, 28, 28)
+    assert dynat.main(["--dataset", dataset, "--data-dir", str(tmp_path), "--epochs", "1", "--dry-run",
+                       "--batch-size", "8", "--out-dir", str(tmp_path / "run"), *TINY]) == 0
+
+
+def test_missing_mnist_files_say_what_to_put_where(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:")
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
+    with pytest.raises(dynat.UsageError) as e:
+        dynat.load_data("fashion-mnist", str(tmp_path))
+    message = str(e.value)
+    assert f"{tmp_path}/FashionMNIST/raw/" in message and "train-images-idx3-ubyte.gz" in message
+    assert "/usr/share/datasets/fashion-mnist" in message and "\n" not in message
+
+
+def test_corrupt_cifar_archive_is_named_as_corrupt(tmp_path, monkeypatch):
+    import torchvision
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"half a download")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", lambda self: pytest.fail("must not download"))
+    with pytest.raises(dynat.UsageError) as e:
+        dynat.load_data("cifar10", str(tmp_path))
+    assert "is there but fails its MD5 checksum" in str(e.value) and "delete it" in str(e.value)
+    # a half-extracted folder (and no archive): named as incomplete, not as missing
+    (tmp_path / "cifar-10-python.tar.gz").unlink()
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"truncated")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", lambda self: (_ for _ in ()).throw(RuntimeError("offline")))
+    with pytest.raises(dynat.UsageError) as e:
+        dynat.load_data("cifar10", str(tmp_path))
+    assert "cifar-10-batches-py is incomplete or corrupt" in str(e.value)
