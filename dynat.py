@@ -939,6 +939,23 @@ def check_replicas(models):
         raise RuntimeError("model replicas differ across processes; data parallelism is broken")
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over the processes whose backward sums the gradients too: every process's loss depends on
+    the sum, so each input's gradient collects all of them (torch.distributed.nn's deprecated all_reduce)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d with the statistics of the global batch across processes, for CPU/gloo
     (torch's SyncBatchNorm runs on GPUs only). Moments are summed by an autograd-aware
@@ -947,10 +964,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
         xf, c = x.float(), x.shape[1]
         count = torch.tensor([x.numel() / c], dtype=torch.float32)
-        sums = all_reduce(torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count]))
+        sums = AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count]))
         n = sums[-1]
         mean = sums[:c] / n
         var = (sums[c:2 * c] / n - mean.pow(2)).clamp(min=0)  # E[x^2] - mean^2 can round below 0

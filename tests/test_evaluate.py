@@ -35,6 +35,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def torch_flags():
+    """evaluate.py sets process-wide kernel flags (deterministic, no TF32); other tests get theirs back."""
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = saved[:4]
+    torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
 def checkpoint_args(**flags):
     """dynat.py's args dict for a checkpoint, as dynat.py saves it."""
     argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
@@ -352,3 +364,62 @@ def test_cli_end_to_end(synthetic_ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "bad.pt")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- a newcomer's first evaluations
+
+def test_evaluations_with_other_settings_never_share_a_default_out_dir(folder, capsys, tmp_path):
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(folder["ckpt"].read_bytes())
+    runs = {"pgd2-n8": ["--attacks", "pgd2", "--n", "8"], "pgd2-n12": ["--attacks", "pgd2", "--n", "12"],
+            "cw2-n8": ["--attacks", "cw2", "--n", "8"]}
+    dirs = {}
+    for name, argv in runs.items():
+        rc, out, err = run_eval(capsys, ckpt, "--epsilon", EPS, *argv)
+        assert rc == 0, err
+        dirs[name] = out.split("-> ")[1].splitlines()[0].strip()
+    assert len(set(dirs.values())) == 3 and all(os.path.dirname(d) == str(tmp_path) for d in dirs.values())
+    first = outputs(dirs["pgd2-n8"])
+    assert first[0]["n"] == 8 and list(first[1]) == ["clean", "pgd2", "worst"]
+    assert outputs(dirs["pgd2-n12"])[0]["n"] == 12  # the first evaluation was not overwritten
+    assert outputs(dirs["pgd2-n8"])[0]["accuracy"] == first[0]["accuracy"]
+    # the same settings again find the earlier evaluation and ask before touching it
+    rc, _, err = run_eval(capsys, ckpt, "--epsilon", EPS, *runs["pgd2-n8"])
+    assert_usage_error(rc, err)
+    assert "--resume" in err and "--overwrite" in err
+
+
+def test_a_text_file_is_not_a_checkpoint(capsys, tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "lr": 0.02}\n')
+    rc, _, err = run_eval(capsys, path)
+    assert_usage_error(rc, err)
+    assert "not a checkpoint" in err and "arbitrary code" not in err
+
+
+def test_fp16_is_refused(folder, capsys, tmp_path):
+    rc, _, err = run_eval(capsys, folder["ckpt"], "--amp", "fp16", "--out-dir", tmp_path)
+    assert_usage_error(rc, err)
+    assert "underflows" in err
+
+
+def test_results_record_each_columns_precision_and_run_deterministically(folder, capsys, tmp_path):
+    torch.backends.cudnn.deterministic = False
+    rc, out, _ = run_eval(capsys, folder["ckpt"], "--attacks", "pgd1,cw1", "--amp", "bf16", "--n", "8",
+                          "--epsilon", EPS, "--out-dir", tmp_path)
+    assert rc == 0
+    results = outputs(tmp_path)[0]
+    assert results["precision"] == {"clean": "float32", "pgd1": "bf16", "cw1": "bf16"}
+    assert results["commit"] and results["versions"]["pyautoattack"] == pyautoattack.__version__
+    assert "precision: Clean float32, PGD-1 bf16, C&W-1 bf16" in out
+    # --resume promises an uninterrupted run's numbers: deterministic cuDNN kernels, no autotuning, no TF32
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_autoattack_only_header_has_no_pgd_step_and_synthetic_data_no_chance_warning(synthetic_ckpt, capsys, tmp_path):
+    meta = {"attacks": ["clean", "apgd-ce"], "step_size": 2 / 255, "restarts": 1}
+    assert evaluate.pgd_settings(meta) == ""
+    assert "step 2/255" in evaluate.pgd_settings(dict(meta, attacks=["clean", "pgd20"]))
+    rc, out, _ = run_eval(capsys, synthetic_ckpt, "--attacks", "clean", "--n", "16", "--out-dir", tmp_path)
+    assert rc == 0 and "near chance" not in out and "step" not in out.splitlines()[0]
