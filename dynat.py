@@ -105,6 +105,9 @@ def get_parser():
     # start-up (not in the paper; README "Training dynamics")
     a("--guide-warmup", type=int, default=0, metavar="EPOCHS",
       help="the guide trains alone for its first EPOCHS epochs, then Algorithm 1 as in the paper (0: the paper)")
+    a("--target-clip", type=float, default=0.0, metavar="NORM",
+      help="clip the target's gradient norm at NORM in its first --target-clip-epochs epochs (0: the paper)")
+    a("--target-clip-epochs", type=int, default=2, help="how many of the target's first epochs --target-clip lasts")
     # engineering
     a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts)")
     a("--deterministic", action="store_true", help="deterministic kernels (bitwise repeatable on CPU)")
@@ -142,9 +145,9 @@ def validate_args(args):
         except ValueError as e:
             raise UsageError(f"--{name}: {e}")
     require(args, ("epochs", "batch_size", "eval_every", "eval_pgd_n"), lambda v: v >= 1, ">= 1")
-    require(args, ("num_steps", "val_size", "workers", "awp_warmup", "train_size", "guide_warmup"),
-            lambda v: v >= 0, ">= 0")
-    require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat"),
+    require(args, ("num_steps", "val_size", "workers", "awp_warmup", "train_size", "guide_warmup",
+                   "target_clip_epochs"), lambda v: v >= 0, ">= 0")
+    require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat", "target_clip"),
             lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
@@ -679,12 +682,17 @@ def guide_warmup_loss(guide, x, y, amp=None):
                         "dyn_correct": (dynamic_labels(logits_guide) == y).sum()}
 
 
-def optimizer_step(loss, optimizer, scaler, models, world=1, sync_buffers=True):
-    """Eq. 6's joint minimisation: backward, average across processes, one SGD step of both models."""
+def optimizer_step(loss, optimizer, scaler, models, world=1, sync_buffers=True, clip=None):
+    """Eq. 6's joint minimisation: backward, average across processes, one SGD step of both models.
+    clip = (parameters, max_norm): --target-clip, on the averaged (and unscaled) gradient, so that
+    every process clips the same; clip_grad_norm_ leaves its norm on the device (no host read)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if world > 1:
         sync_replicas(models, world, grads=True, buffers=sync_buffers)
+    if clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(*clip)
     scaler.step(optimizer)
     scaler.update()
 
@@ -728,10 +736,13 @@ def train_epoch(trainer, epoch, sums, stop):
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
     settings = loss_settings(args, epoch)
+    clip = None
+    if args.target_clip > 0 and args.guide_warmup < epoch <= args.guide_warmup + args.target_clip_epochs:
+        clip = (list(trainer.target.parameters()), args.target_clip)  # the target's first epochs only
     batches = epoch_batches(len(trainer.y_train), args.batch_size, args.seed, epoch, world, trainer.device,
                             limit=1 if args.dry_run else None)
     bar = progress_bar(len(batches), sums["step"], f"epoch {epoch}", trainer.main_process)
-    t0 = time.time()
+    t0, signum = time.time(), None
     for step in range(int(sums["step"]), len(batches)):
         # Every random draw of a step is a function of (seed, epoch, step): a resumed run continues exactly.
         torch.manual_seed(step_seed(args.seed, epoch, step, 0))
@@ -749,7 +760,8 @@ def train_epoch(trainer, epoch, sums, stop):
         else:  # Algorithm 1, Eq. 3-7
             loss, stats = dynat_loss(trainer.target, trainer.guide, x, y, **settings, amp=trainer.amp,
                                      loss_scale=trainer.scaler.scale, average=trainer.average)
-        optimizer_step(loss * share, trainer.optimizer, trainer.scaler, trainer.models, world, sync_buffers=not args.sync_bn)
+        optimizer_step(loss * share, trainer.optimizer, trainer.scaler, trainer.models, world,
+                       sync_buffers=not args.sync_bn, clip=clip)
         values = step_values(stats, share, stop.flags() if world > 1 else None)
         if world > 1:
             dist.all_reduce(values)  # statistics and stop flags summed over the processes, one collective
@@ -764,7 +776,7 @@ def train_epoch(trainer, epoch, sums, stop):
             break
     bar.close()
     sums["seconds"] += time.time() - t0
-    return signum if len(batches) > sums["step"] else None
+    return signum
 
 
 def progress_bar(total, initial, desc, main_process):
@@ -811,8 +823,9 @@ def collapse_warning(row, classes, first_target_epoch):
         state = f"is far behind its labels: clean accuracy {acc:.3f}, its dynamic labels agree with y {dyn:.3f}"
     else:
         return None
-    return (f"warning: epoch {row['epoch']}: the target {state}. Its first steps learn the guide's near-constant "
-            "early labels (README, 'Training dynamics'); --guide-warmup 1 lets the guide learn first")
+    return (f"warning: epoch {row['epoch']}: the target {state}. Its first steps fit the guide's near-constant, "
+            "class-hopping early labels, which drives its last BatchNorm+ReLU towards zero (README, 'Training "
+            "dynamics'); rerun with --target-clip 0.5 (or --guide-warmup 2)")
 
 
 
@@ -1167,7 +1180,8 @@ def plot_curves(rows, path, args):
     acc.set_title(run_title(args) + note, fontsize=9)
     acc.set_ylabel("accuracy")
     acc.set_ylim(0, 1)
-    acc.legend(fontsize=8)
+    if acc.get_legend_handles_labels()[0]:  # no accuracy yet before the first evaluated epoch
+        acc.legend(fontsize=8)
     acc.grid(alpha=0.3)
     for key in ("loss_guide", "loss_target"):
         pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
@@ -1322,10 +1336,11 @@ def end_epoch(trainer, epoch, sums):
         if improved:
             save_atomic({**trainer.weights(), "epoch": epoch, "val_pgd_acc": trainer.best_val}, trainer.best_path)
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
+        evaluated = "" if row["pgd_n"] is None else (
+            f" | clean guide {fmt(row['guide_clean_acc'])} target {fmt(row['target_clean_acc'])} | PGD-10 "
+            f"{fmt(row['target_pgd_acc'])} ({row['pgd_split']}, n={row['pgd_n']})")
         trainer.log(f"epoch {epoch:3d} lr {row['lr']:.4f} {row['seconds']:.1f}s | loss guide {fmt(row['loss_guide'])} "
-                f"target {fmt(row['loss_target'])} | dyn-label acc {fmt(row['dynamic_label_acc'])} | clean guide "
-                f"{fmt(row['guide_clean_acc'])} target {fmt(row['target_clean_acc'])} | PGD-10 "
-                f"{fmt(row['target_pgd_acc'])} ({row['pgd_split']}, n={row['pgd_n']})")
+                    f"target {fmt(row['loss_target'])} | dyn-label acc {fmt(row['dynamic_label_acc'])}{evaluated}")
         if row["warning"]:
             print(row["warning"], file=sys.stderr, flush=True)
     if trainer.world > 1:

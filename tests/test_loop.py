@@ -147,6 +147,28 @@ def test_guide_warmup_needs_a_guide_and_time_for_the_target(tmp_path, capsys):
         assert rc == 2 and "--guide-warmup" in capsys.readouterr().err
 
 
+def test_target_clip_clips_the_targets_gradient_in_its_first_epochs_only(tmp_path, monkeypatch):
+    trainer = trainer_for(["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "5",
+                           "--guide-warmup", "1", "--target-clip", "0.01", "--target-clip-epochs", "2",
+                           "--out-dir", str(tmp_path / "run"), "--dry-run", *TINY])
+    target_params = list(trainer.target.parameters())
+    seen = {}
+    real_step = trainer.optimizer.step
+
+    def step(*a, **kw):  # the gradients SGD is about to use
+        norm = lambda ps: torch.cat([p.grad.flatten() for p in ps if p.grad is not None] or [torch.zeros(1)]).norm()
+        seen[epoch] = (norm(target_params).item(), norm(trainer.guide.parameters()).item())
+        return real_step(*a, **kw)
+    monkeypatch.setattr(trainer.optimizer, "step", step)
+    with dynat.GracefulStop() as stop:
+        for epoch in range(1, 6):
+            dynat.train_epoch(trainer, epoch, dynat.new_epoch_sums(), stop)
+    assert seen[1][0] == 0  # guide warm-up: no target gradient
+    assert seen[2][0] <= 0.01 * 1.001 and seen[3][0] <= 0.01 * 1.001  # the target's first two epochs: clipped
+    assert seen[4][0] > 0.05 and seen[5][0] > 0.05  # then free
+    assert all(guide > 0.05 for _, guide in seen.values())  # the guide is never clipped
+
+
 # ----------------------------------------------------------------------------- collapse detection
 
 class ChannelGuide(nn.Module):
@@ -188,7 +210,7 @@ def test_a_dead_target_is_warned_about_once(tmp_path, monkeypatch, capsys):
     rows, err = run_with_guide(tmp_path, monkeypatch, capsys, dead_target=True)
     assert [r["target_pred_classes"] for r in rows] == [1, 1, 1, 1]
     assert all(r["guide_pred_classes"] == 3 and r["dynamic_label_acc"] > 0.9 for r in rows)
-    assert err.count("warning:") == 1 and "is dead" in err and "--guide-warmup 1" in err
+    assert err.count("warning:") == 1 and "is dead" in err and "--target-clip" in err
     assert [bool(r["warning"]) for r in rows] == [False, True, False, False]  # its second epoch, once
 
 
