@@ -104,7 +104,7 @@ def get_parser():
            "adversarial batches as in the release (--no-clean-bn: adversarial only, one forward cheaper)")
     # start-up (not in the paper; README "Training dynamics")
     a("--guide-warmup", type=int, default=0, metavar="EPOCHS",
-      help="the guide trains alone for its first EPOCHS epochs, then Algorithm 1 as in the paper (0: the paper)")
+      help="before the --epochs of Algorithm 1, the guide trains alone for EPOCHS epochs at the warm-start lr (0: the paper)")
     a("--target-clip", type=float, default=0.0, metavar="NORM",
       help="clip the target's gradient norm at NORM in its first --target-clip-epochs epochs (0: the paper)")
     a("--target-clip-epochs", type=int, default=2, help="how many of the target's first epochs --target-clip lasts")
@@ -151,9 +151,8 @@ def validate_args(args):
             lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.guide_warmup and (args.labels == "true" or args.guide_warmup >= args.epochs):
-        raise UsageError(f"--guide-warmup {args.guide_warmup} needs a guide (not --labels true) and fewer "
-                         f"epochs than --epochs {args.epochs}: the target would never train")
+    if args.guide_warmup and args.labels == "true":
+        raise UsageError(f"--guide-warmup {args.guide_warmup} needs a guide: --labels true trains none")
     if args.awp and args.awp_warmup > args.epochs:
         raise UsageError(f"--awp-warmup {args.awp_warmup} is beyond --epochs {args.epochs}: AWP would never switch on")
     if (args.reweight != "none" or args.iseat > 0) and args.reweight_start > args.epochs:
@@ -732,12 +731,12 @@ def train_epoch(trainer, epoch, sums, stop):
     """One epoch of Algorithm 1 over the shuffled training set, from batch sums["step"] on, adding
     the steps' statistics to `sums`. Returns the signal that stopped it at a batch boundary, or None."""
     args, rank, world = trainer.args, trainer.rank, trainer.world
-    lr = learning_rate(epoch, args.lr, args.epochs)
+    paper_epoch = epoch - args.guide_warmup  # the schedule's epoch; <= 0 during --guide-warmup
     for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
-    settings = loss_settings(args, epoch)
+        group["lr"] = learning_rate(max(paper_epoch, 1), args.lr, args.epochs)
+    settings = loss_settings(args, paper_epoch)
     clip = None
-    if args.target_clip > 0 and args.guide_warmup < epoch <= args.guide_warmup + args.target_clip_epochs:
+    if args.target_clip > 0 and 1 <= paper_epoch <= args.target_clip_epochs:
         clip = (list(trainer.target.parameters()), args.target_clip)  # the target's first epochs only
     batches = epoch_batches(len(trainer.y_train), args.batch_size, args.seed, epoch, world, trainer.device,
                             limit=1 if args.dry_run else None)
@@ -755,7 +754,7 @@ def train_epoch(trainer, epoch, sums, stop):
             torch.manual_seed(step_seed(args.seed, epoch, step, rank))
             # Unequal shares: weight each process's mean so that the average is the global batch's mean.
             share = len(y) * world / len(batches[step])
-        if epoch <= args.guide_warmup:
+        if paper_epoch <= 0:
             loss, stats = guide_warmup_loss(trainer.guide, x, y, amp=trainer.amp)
         else:  # Algorithm 1, Eq. 3-7
             loss, stats = dynat_loss(trainer.target, trainer.guide, x, y, **settings, amp=trainer.amp,
@@ -1096,6 +1095,7 @@ RESUME_REASONS = {
     "val_size": "the position saved in last.pt indexes that training set",
     "target": "last.pt holds weights of that architecture",
     "guide": "last.pt holds weights of that architecture",
+    "guide_warmup": "the epochs of the lr schedule and of the variants' switches are counted after it",
 }
 
 
@@ -1312,12 +1312,13 @@ def end_epoch(trainer, epoch, sums):
     per run), appended to metrics.jsonl and curves.png, then last.pt and best.pt."""
     args, guide = trainer.args, trainer.guide
     n_steps = max(sums["step"], 1)
-    row = {"epoch": epoch, "lr": learning_rate(epoch, args.lr, args.epochs), "seconds": round(sums["seconds"], 3),
-           "target_trained": epoch > args.guide_warmup,
+    last = args.guide_warmup + args.epochs
+    row = {"epoch": epoch, "lr": learning_rate(max(epoch - args.guide_warmup, 1), args.lr, args.epochs),
+           "seconds": round(sums["seconds"], 3), "target_trained": epoch > args.guide_warmup,
            "loss_guide": sums["loss_guide"] / n_steps if guide is not None else None,
            "loss_target": sums["loss_target"] / n_steps if epoch > args.guide_warmup else None,
            "dynamic_label_acc": sums["dyn_correct"] / sums["seen"] if guide is not None else None}
-    if trainer.main_process and (epoch % args.eval_every == 0 or epoch == args.epochs):
+    if trainer.main_process and (epoch % args.eval_every == 0 or epoch == last):
         row.update(evaluate_epoch(trainer))
     else:
         row.update(dict.fromkeys(("guide_clean_acc", "target_clean_acc", "guide_pred_classes",
@@ -1349,30 +1350,32 @@ def end_epoch(trainer, epoch, sums):
 
 
 def run(args, given=()):
-    """Train: Algorithm 1 for --epochs epochs, one checkpoint per epoch. Returns the exit code."""
+    """Train: --guide-warmup epochs of the guide alone (none by default), then Algorithm 1 for --epochs
+    epochs, one checkpoint per epoch. Returns the exit code."""
     ckpt = None
     if args.resume:
         args, ckpt = resolve_resume(args, given)
     validate_args(args)
     trainer = Trainer(args, ckpt)
-    if trainer.start_epoch > args.epochs:
-        trainer.log(f"{args.out_dir} already finished its {args.epochs} epochs: nothing to do")
+    last = args.guide_warmup + args.epochs
+    if trainer.start_epoch > last:
+        trainer.log(f"{args.out_dir} already finished its {last} epochs: nothing to do")
         return 0
     trainer.start_files()
     if ckpt is not None:
         trainer.log(f"resumed {args.out_dir} at epoch {trainer.start_epoch}, batch {int(trainer.sums['step'])}")
     del ckpt  # free the host copy of the weights and the optimizer state
     trainer.log(f"training {args.target} (target) with {args.guide if trainer.guide is not None else 'no'} guide on "
-            f"{args.dataset} ({len(trainer.y_train)} train images, {trainer.classes} classes), {trainer.world} process(es) on "
-            f"{trainer.device}, amp={trainer.amp}, channels_last={trainer.channels_last}")
+                f"{args.dataset} ({len(trainer.y_train)} train images, {trainer.classes} classes), {trainer.world} "
+                f"process(es) on {trainer.device}, amp={trainer.amp}, channels_last={trainer.channels_last}")
     with GracefulStop() as stop:
-        for epoch in range(trainer.start_epoch, args.epochs + 1):
+        for epoch in range(trainer.start_epoch, last + 1):  # --guide-warmup's epochs, then --epochs
             sums, trainer.sums = trainer.sums, new_epoch_sums()
             signum = train_epoch(trainer, epoch, sums, stop)
             if signum:
                 trainer.checkpoint(epoch - 1, sums)
                 trainer.log(f"interrupted by {signal.Signals(signum).name} at epoch {epoch}, batch {int(sums['step'])}: "
-                        f"saved {trainer.last_path}; continue with: python dynat.py --resume {args.out_dir}")
+                            f"saved {trainer.last_path}; continue with: python dynat.py --resume {args.out_dir}")
                 return 128 + signum
             end_epoch(trainer, epoch, sums)
     return 0

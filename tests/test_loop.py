@@ -141,10 +141,24 @@ def test_guide_warmup_trains_the_guide_alone_then_algorithm_1(tmp_path):
     assert after["loss_target"] > 0
 
 
-def test_guide_warmup_needs_a_guide_and_time_for_the_target(tmp_path, capsys):
-    for extra in (["--labels", "true", "--guide-warmup", "1"], ["--guide-warmup", "3"]):
-        rc = dynat.main(["--dataset", "synthetic", "--epochs", "3", "--out-dir", str(tmp_path / "x"), *extra])
-        assert rc == 2 and "--guide-warmup" in capsys.readouterr().err
+def test_guide_warmup_needs_a_guide(tmp_path, capsys):
+    rc = dynat.main(["--dataset", "synthetic", "--epochs", "3", "--out-dir", str(tmp_path / "x"), "--labels", "true",
+                     "--guide-warmup", "1"])
+    assert rc == 2 and "--guide-warmup 1 needs a guide" in capsys.readouterr().err
+
+
+def test_guide_warmup_epochs_come_before_the_papers_schedule(tmp_path):
+    """The warm-up adds epochs: the target still gets the whole schedule, the switches count after it."""
+    out = tmp_path / "run"
+    assert dynat.main(["--dataset", "synthetic", "--epochs", "3", "--guide-warmup", "2", "--awp", "--awp-warmup", "2",
+                       "--dry-run", "--batch-size", "16", "--out-dir", str(out), *TINY]) == 0
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["target_trained"] for r in rows] == [False, False, True, True, True]
+    assert [r["lr"] for r in rows] == pytest.approx([0.02, 0.02, 0.02, 0.1, 0.001])
+    args = dynat.get_parser().parse_args(["--awp", "--awp-warmup", "2"])
+    assert dynat.loss_settings(args, 4 - 2)["awp_gamma"] > 0 and dynat.loss_settings(args, 3 - 2)["awp_gamma"] == 0
 
 
 def test_target_clip_clips_the_targets_gradient_in_its_first_epochs_only(tmp_path, monkeypatch):
