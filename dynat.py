@@ -600,6 +600,13 @@ def learning_rate(epoch, base_lr, epochs):
     return base_lr
 
 
+def paper_epoch_and_lr(args, epoch):
+    """(the paper's epoch, its learning rate) for a run's `epoch`: --guide-warmup's epochs come first,
+    numbered <= 0 in the paper's schedule and run at its warm-start rate."""
+    paper_epoch = epoch - args.guide_warmup
+    return paper_epoch, learning_rate(max(paper_epoch, 1), args.lr, args.epochs)
+
+
 def to_input(x_uint8, device, channels_last=False):
     """uint8 images -> float [0, 1] on `device` (the models see unnormalised pixels)."""
     x = x_uint8.to(device, non_blocking=True).float().div_(255)
@@ -731,9 +738,9 @@ def train_epoch(trainer, epoch, sums, stop):
     """One epoch of Algorithm 1 over the shuffled training set, from batch sums["step"] on, adding
     the steps' statistics to `sums`. Returns the signal that stopped it at a batch boundary, or None."""
     args, rank, world = trainer.args, trainer.rank, trainer.world
-    paper_epoch = epoch - args.guide_warmup  # the schedule's epoch; <= 0 during --guide-warmup
+    paper_epoch, lr = paper_epoch_and_lr(args, epoch)  # paper_epoch <= 0 during --guide-warmup
     for group in trainer.optimizer.param_groups:
-        group["lr"] = learning_rate(max(paper_epoch, 1), args.lr, args.epochs)
+        group["lr"] = lr
     settings = loss_settings(args, paper_epoch)
     clip = None
     if args.target_clip > 0 and 1 <= paper_epoch <= args.target_clip_epochs:
@@ -1313,10 +1320,10 @@ def end_epoch(trainer, epoch, sums):
     args, guide = trainer.args, trainer.guide
     n_steps = max(sums["step"], 1)
     last = args.guide_warmup + args.epochs
-    row = {"epoch": epoch, "lr": learning_rate(max(epoch - args.guide_warmup, 1), args.lr, args.epochs),
-           "seconds": round(sums["seconds"], 3), "target_trained": epoch > args.guide_warmup,
+    paper_epoch, lr = paper_epoch_and_lr(args, epoch)
+    row = {"epoch": epoch, "lr": lr, "seconds": round(sums["seconds"], 3), "target_trained": paper_epoch > 0,
            "loss_guide": sums["loss_guide"] / n_steps if guide is not None else None,
-           "loss_target": sums["loss_target"] / n_steps if epoch > args.guide_warmup else None,
+           "loss_target": sums["loss_target"] / n_steps if paper_epoch > 0 else None,
            "dynamic_label_acc": sums["dyn_correct"] / sums["seen"] if guide is not None else None}
     if trainer.main_process and (epoch % args.eval_every == 0 or epoch == last):
         row.update(evaluate_epoch(trainer))
