@@ -119,10 +119,14 @@ def wait_for_epoch(proc, path, epoch, timeout=120):
     raise TimeoutError(path)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_bit_for_bit(folder, tmp_path, sig):
-    extra = ("--epochs", "3", "--deterministic", "--awp", "--awp-warmup", "1", "--reweight", "mail",
-             "--reweight-start", "2")
+VARIANTS = ("--awp", "--awp-warmup", "1", "--reweight", "mail", "--reweight-start", "2")
+WARMUP = ("--guide-warmup", "1", "--inner")  # stopped right after the guide's warm-up epoch
+
+
+@pytest.mark.parametrize("sig,variant", [(signal.SIGKILL, VARIANTS), (signal.SIGTERM, VARIANTS),
+                                         (signal.SIGTERM, WARMUP)], ids=["sigkill", "sigterm", "sigterm-guide-warmup"])
+def test_interrupted_run_resumes_bit_for_bit(folder, tmp_path, sig, variant):
+    extra = ("--epochs", "3", "--deterministic", *variant)
     full = tmp_path / "full"
     assert run_script(train_args(folder, full, *extra)).returncode == 0
     cut = tmp_path / "cut"
@@ -272,25 +276,6 @@ def test_two_processes_match_one_process_on_the_first_step(folder, tmp_path):
     m1, m2 = metrics(one)[0], metrics(two)[0]
     for key in ("loss_guide", "loss_target", "dynamic_label_acc"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
-
-
-def test_guide_warmup_run_resumes_bit_for_bit_after_sigterm(folder, tmp_path):
-    extra = ("--epochs", "3", "--deterministic", "--guide-warmup", "1", "--inner")
-    full = tmp_path / "full"
-    assert run_script(train_args(folder, full, *extra)).returncode == 0
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "dynat.py", *train_args(folder, cut, *extra)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    wait_for_epoch(proc, cut / "last.pt", 1)  # the guide's warm-up epoch is done
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    r = run_script(["--resume", str(cut)])
-    assert r.returncode == 0, r.stderr
-    assert metrics(full) == metrics(cut)
-    assert [row["target_trained"] for row in metrics(full)] == [False, True, True, True]  # 1 + 3 epochs
-    assert_same_weights(full / "last.pt", cut / "last.pt")
 
 
 def test_two_processes_give_the_weights_of_one_process(folder, tmp_path):
