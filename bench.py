@@ -192,12 +192,12 @@ def count_flops(fn):
 
 def batch_fn(device, batch_size, channels_last):
     """Augmented batches of synthetic uint8 images, through the training loop's own data path."""
-    x_train, y_train = dynat.load_data("synthetic", None)["train"]
-    x_train, y_train = x_train.to(device), y_train.to(device)
+    images, labels = dynat.load_data("synthetic", None)["train"]
+    images, labels = images.to(device), labels.to(device)
 
     def next_batch():
-        idx = torch.randint(len(y_train), (batch_size,), device=device)  # the loop's shuffled batch
-        return dynat.train_batch(x_train, y_train, idx, device, channels_last)
+        idx = torch.randint(len(labels), (batch_size,), device=device)  # the loop's shuffled batch
+        return dynat.train_batch(images, labels, idx, device, channels_last)
     return next_batch
 
 
@@ -256,8 +256,8 @@ def literal_step_fn(target, guide, next_batch, settings, lr=0.1):
                         d = w_p - w
                         deltas.append((w, gamma * w.norm() * d / (d.norm() + 1e-20)))
                         w.add_(deltas[-1][1])
-        logits_nat = target(x)  # the release's clean forward (used only when alpha > 0)
         logits_adv = target(x_adv)
+        logits_nat = target(x)  # the release's clean forward after the adversarial one (used only when alpha > 0)
         loss = F.cross_entropy(logits_guide, y) + beta * F.cross_entropy(logits_adv, y_dyn)
         if alpha > 0:
             loss = loss + alpha * F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
@@ -279,12 +279,13 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
     x, y = next_batch()
     x_adv = (x + settings["epsilon"] * torch.randn_like(x).sign()).clamp(0, 1)
     alpha, ctx = settings["alpha"], lambda: dynat.autocast(device, amp)
+    attack_ctx = lambda: dynat.autocast(device, dynat.attack_dtype(amp, device))  # never fp16, as perturb
     pieces = {}
 
     def input_grad():  # one attack iterate: eval mode, weights frozen, gradient w.r.t. the input only
         target.eval().requires_grad_(False)
         xa = x_adv.detach().requires_grad_(True)
-        with ctx():
+        with attack_ctx():
             logits = target(xa).float()
         torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xa)
         target.train().requires_grad_(True)
@@ -293,7 +294,7 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
     if not settings["inner"]:
         def clean_forward():  # p(f_t(x)) of the KL attack
             target.eval()
-            with torch.no_grad(), ctx():
+            with torch.no_grad(), attack_ctx():
                 target(x).float()
             target.train()
         pieces["target clean fwd (KL attack)"] = (clean_forward, 1)
@@ -381,7 +382,7 @@ def row_of(kind, name, times, median, pieces, amps, flops, device, fns, batch_si
     row = {"row": kind, "precision": name, "step_ms": 1e3 * t, "times_ms": [1e3 * s for s in times[(kind, name)]],
            "img_per_s": batch_size / t, "peak_mib": peak_mib(fns[(kind, name)], device)}
     if kind != "ours":
-        return row
+        return dict(row, kernels="tf32" if runs_tf32(device) else "fp32")  # the literal step is fp32 (TF32 where allowed)
     eager = name.split("+")[0]
     floor = sum(median[(eager, piece)] * n for piece, (_, n) in pieces[eager].items())
     row.update(speedup_vs_literal=median[("literal", "fp32")] / t, floor_ms=1e3 * floor, step_over_floor=t / floor,

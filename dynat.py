@@ -319,10 +319,11 @@ def augment(x):
     return padded.flatten(2).gather(2, idx).view_as(x)
 
 
-def train_batch(x_train, y_train, idx, device, channels_last=False):
-    """Training batch `idx` of the uint8 dataset: [0, 1] floats on `device`, augmented."""
-    x = augment(to_input(x_train[idx], device))
-    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y_train[idx]
+def train_batch(images, labels, idx, device, channels_last=False):
+    """Training batch `idx` of the dataset (uint8 images N x 3 x H x W, int64 labels, on the device):
+    float [0, 1] B x 3 x H x W, augmented, channels_last when asked, and its labels."""
+    x = augment(to_input(images[idx], device))
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[idx]
 
 
 def epoch_batches(n, batch_size, seed, epoch, world=1, device="cpu", limit=None):
@@ -707,6 +708,7 @@ def optimizer_step(loss, optimizer, scaler, models, world=1, sync_buffers=True, 
 
 
 STEP_STATS = ("loss_guide", "loss_target", "loss_iseat", "dyn_correct")  # summed over an epoch's steps
+STOP_FLAGS = ("stop_sigint", "stop_sigterm")  # GracefulStop.SIGNALS' flags: after STEP_STATS under torchrun
 
 
 def new_epoch_sums():
@@ -718,21 +720,22 @@ def new_epoch_sums():
 def step_values(stats, share, stop_flags=None):
     """The step's statistics as one float tensor on the device: losses times the process's share of
     the batch (so their sum over processes is `world` times the global batch's mean), correct dynamic
-    labels counted; under torchrun followed by this process's stop flags, all for one all-reduce."""
+    labels counted; under torchrun followed by this process's STOP_FLAGS, all for one all-reduce.
+    (zero + flag is a fill on the device: new_tensor(flag) would be a copy that waits for the GPU.)"""
     zero = stats["loss_guide"].new_zeros(())
     values = [stats.get(k, zero).float() * (share if k.startswith("loss") else 1.0) for k in STEP_STATS]
     if stop_flags is not None:
-        values += [zero.new_tensor(f) for f in stop_flags]
+        values += [zero + flag for flag in stop_flags]
     return torch.stack(values)
 
 
 def add_step(sums, values, world, batch_size, where):
-    """Add one step's host values (summed over the processes) to `sums`; stop on a non-finite loss
+    """Add one step's host values {name: sum over the processes} to `sums`; stop on a non-finite loss
     before anything is saved, so last.pt stays the last good state."""
-    for name, v in zip(STEP_STATS, values):
-        if not math.isfinite(v):
-            raise NonFiniteLoss(f"{name} is {v} {where}")
-        sums[name] += v / world if name.startswith("loss") else v
+    for name in STEP_STATS:
+        if not math.isfinite(values[name]):
+            raise NonFiniteLoss(f"{name} is {values[name]} {where}")
+        sums[name] += values[name] / world if name.startswith("loss") else values[name]
     sums["seen"] += batch_size
     sums["step"] += 1
 
@@ -748,14 +751,14 @@ def train_epoch(trainer, epoch, sums, stop):
     clip = None
     if args.target_clip > 0 and 1 <= paper_epoch <= args.target_clip_epochs:
         clip = (list(trainer.target.parameters()), args.target_clip)  # the target's first epochs only
-    batches = epoch_batches(len(trainer.y_train), args.batch_size, args.seed, epoch, world, trainer.device,
+    batches = epoch_batches(len(trainer.labels), args.batch_size, args.seed, epoch, world, trainer.device,
                             limit=1 if args.dry_run else None)
     bar = progress_bar(len(batches), sums["step"], f"epoch {epoch}", trainer.main_process)
     t0, signum = time.time(), None
     for step in range(int(sums["step"]), len(batches)):
         # Every random draw of a step is a function of (seed, epoch, step): a resumed run continues exactly.
         torch.manual_seed(step_seed(args.seed, epoch, step, 0))
-        x, y = train_batch(trainer.x_train, trainer.y_train, batches[step], trainer.device, trainer.channels_last)
+        x, y = train_batch(trainer.images, trainer.labels, batches[step], trainer.device, trainer.channels_last)
         share = 1.0
         if world > 1:
             # N processes see exactly the images one process would: the global batch is augmented
@@ -766,21 +769,23 @@ def train_epoch(trainer, epoch, sums, stop):
             share = len(y) * world / len(batches[step])
         if paper_epoch <= 0:
             loss, stats = guide_warmup_loss(trainer.guide, x, y, amp=trainer.amp)
-        else:  # Algorithm 1, Eq. 3-7
+        else:  # Algorithm 1, Eq. 3-7; AWP's weight gradient averaged like the loss's (share-weighted)
+            average = (lambda grads: all_mean([g * share for g in grads], world)) if world > 1 else None
             loss, stats = dynat_loss(trainer.target, trainer.guide, x, y, **settings, amp=trainer.amp,
-                                     loss_scale=trainer.scaler.scale, average=trainer.average)
+                                     loss_scale=trainer.scaler.scale, average=average)
         optimizer_step(loss * share, trainer.optimizer, trainer.scaler, trainer.models, world,
                        sync_buffers=not args.sync_bn, clip=clip)
         values = step_values(stats, share, stop.flags() if world > 1 else None)
         if world > 1:
             dist.all_reduce(values)  # statistics and stop flags summed over the processes, one collective
-        # The step's one host read, queued after the update so that a GPU never idles waiting for it.
-        values = values.tolist()
+        # The step's one host read, after the whole step is queued: the GPU works through the step while
+        # the CPU waits here (it idles only while the next step's first kernels are launched).
+        values = dict(zip(STEP_STATS + STOP_FLAGS, values.tolist()))
         add_step(sums, values, world, len(batches[step]), f"at epoch {epoch}, batch {step + 1}; "
                                                           f"{trainer.last_path} holds the last good state")
         bar.update(1)
-        bar.set_postfix(loss=f"{(values[0] + values[1]) / world:.3f}", refresh=False)
-        signum = stop.received_by_any(values[len(STEP_STATS):] if world > 1 else None)
+        bar.set_postfix(loss=f"{(values['loss_guide'] + values['loss_target']) / world:.3f}", refresh=False)
+        signum = stop.received_by_any([values[f] for f in STOP_FLAGS] if world > 1 else None)
         if signum:
             break
     bar.close()
@@ -795,11 +800,13 @@ def progress_bar(total, initial, desc, main_process):
                 disable=not (main_process and sys.stderr.isatty()))
 
 
-def evaluate_epoch(trainer):
+def evaluate_epoch(trainer, epoch):
     """Per-epoch figures on rank 0: clean accuracy of both models on the test set and how many
     classes each predicts there (1 = a dead model), PGD-10 of the target on the validation split
     when there is one (else on the first --eval-pgd-n test images)."""
     args, data = trainer.args, trainer.data
+    # PGD's random starts from a seed of their own: the same after a resume that ran no step of the epoch.
+    torch.manual_seed(step_seed(args.seed, epoch, 1_000_000, 0))
     (x_test, y_test), val = data["test"], data["val"]
     limit = args.batch_size if args.dry_run else len(y_test)
     common = dict(device=trainer.device, batch_size=max(args.batch_size, 256), amp=trainer.amp,
@@ -818,11 +825,12 @@ def evaluate_epoch(trainer):
     return row | {"pgd_split": "val" if val is not None else "test", "pgd_n": n}
 
 
-def collapse_warning(row, classes, first_target_epoch):
+def collapse_warning(row, classes, first_target_epoch, steps_per_epoch):
     """A one-line diagnosis when the target is dead (one predicted class, from its second epoch on) or
     far behind its own labels (clean accuracy under half the dynamic labels' agreement with y, from
     its third epoch on) while those labels are clearly better than chance (at least twice chance);
-    None for a healthy target or a run without a guide."""
+    None for a healthy target or a run without a guide. The remedy it names is sized from README's
+    measurements: the guide needs some 50-80 steps alone before the target starts."""
     dyn, acc, pred = row.get("dynamic_label_acc"), row.get("target_clean_acc"), row.get("target_pred_classes")
     if dyn is None or acc is None or classes < 2 or dyn < 2 / classes:
         return None
@@ -832,10 +840,11 @@ def collapse_warning(row, classes, first_target_epoch):
         state = f"is far behind its labels: clean accuracy {acc:.3f}, its dynamic labels agree with y {dyn:.3f}"
     else:
         return None
+    warmup = max(1, math.ceil(80 / steps_per_epoch))
     return (f"warning: epoch {row['epoch']}: the target {state}. Its first steps fit the guide's near-constant, "
-            "class-hopping early labels, which drives its last BatchNorm+ReLU towards zero (README, 'Training "
-            "dynamics'); rerun with --target-clip 0.5 (or --guide-warmup 2)")
-
+            "class-hopping early labels, which pushes its last ReLUs to zero (README, 'Training dynamics'); "
+            f"rerun with --guide-warmup {warmup} (the guide alone for ~80 of these {steps_per_epoch}-step epochs' "
+            "steps first), or --target-clip 0.5")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -979,15 +988,14 @@ class AllReduceSum(torch.autograd.Function):
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d with the statistics of the global batch across processes, for CPU/gloo
-    (torch's SyncBatchNorm runs on GPUs only). Moments are summed by an autograd-aware
-    all-reduce, so the gradient is that of the one-process batch."""
+    """BatchNorm2d with the statistics of the global batch across processes (gloo or NCCL). Moments
+    are summed by an autograd-aware all-reduce, so the gradient is that of the one-process batch."""
 
     def forward(self, x):
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
         xf, c = x.float(), x.shape[1]
-        count = torch.tensor([x.numel() / c], dtype=torch.float32)
+        count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)  # a fill: no host copy
         sums = AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count]))
         n = sums[-1]
         mean = sums[:c] / n
@@ -1000,33 +1008,34 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return (xf - mean.view(1, c, 1, 1)) * scale.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
 
 
-def synchronise_batchnorm(model, device):
-    """--sync-bn: torch's SyncBatchNorm on CUDA, GlobalBatchNorm2d on CPU (same state_dict keys)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def synchronise_batchnorm(model):
+    """--sync-bn: every BatchNorm2d becomes a GlobalBatchNorm2d (same state_dict keys), on a CPU and a
+    GPU alike. (torch's SyncBatchNorm refuses CPU tensors, and on a GPU reads a count back to the
+    host in every layer of every train-mode forward: about 100 host syncs per WRN-34-10 step.)"""
     for name, child in model.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            bn = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum)
+            bn = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
             bn.load_state_dict(child.state_dict())
             setattr(model, name, bn)
         else:
-            synchronise_batchnorm(child, device)
+            synchronise_batchnorm(child)
     return model
 
 
-def first_on_each_node(world, load):
-    """load() under torchrun: each node's first process runs it (and downloads) while the others
-    wait, then they run it, reading what it wrote. The wait uses a gloo group with a two-hour
-    timeout: the NCCL group's default ten minutes would kill the waiting processes during a slow
-    download, and the training collectives keep that default so that a real hang still fails."""
+def load_in_turns(rank, world, load):
+    """load() under torchrun without two processes writing one download: global rank 0 first, then the
+    first process of each other node (a node-local --data-dir), then everyone else, who read what is
+    there. The waits use a gloo group with a two-hour timeout: the NCCL group's default ten minutes
+    would kill the waiting processes during a slow download, while the training collectives keep that
+    default so that a real hang still fails."""
     if world == 1:
         return load()
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if not first:
-        dist.barrier(group=group)
-    data = load()
-    if first:
+    turn = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 2
+    data = None
+    for t in range(3):
+        if t == turn:
+            data = load()
         dist.barrier(group=group)
     dist.destroy_process_group(group)
     return data
@@ -1240,7 +1249,6 @@ class Trainer:
         self.start_epoch, self.sums, self.best_val = 1, new_epoch_sums(), -1.0
         if ckpt is not None:
             self.restore(ckpt)
-        self.average = (lambda ts: all_mean(ts, self.world)) if self.world > 1 else None
         self.warned = False
 
     def log(self, *a):
@@ -1250,14 +1258,14 @@ class Trainer:
     def load_data(self):
         """The dataset as uint8 tensors on the device; --train-size and --val-size applied."""
         args = self.args
-        data = first_on_each_node(self.world, lambda: load_data(args.dataset, args.data_dir, args.workers))
+        data = load_in_turns(self.rank, self.world, lambda: load_data(args.dataset, args.data_dir, args.workers))
         data["train"] = class_balanced_subset(data["train"], args.train_size, data["classes"])
-        (x_train, y_train), data["val"] = split_validation(data["train"], args.val_size, args.seed)
-        if len(y_train) == 0 or len(data["test"][1]) == 0:
+        (images, labels), data["val"] = split_validation(data["train"], args.val_size, args.seed)
+        if len(labels) == 0 or len(data["test"][1]) == 0:
             raise UsageError(f"{args.dataset} at {args.data_dir}: no images in the training or test split")
         if args.dataset == "synthetic":
             self.log("synthetic data: random images and labels; every accuracy below means nothing")
-        self.x_train, self.y_train = x_train.to(self.device), y_train.to(self.device)  # uint8 N x 3 x H x W, int64 N
+        self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8 N x 3 x H x W, int64 N
         self.data, self.classes = data, data["classes"]
 
     def build_models(self):
@@ -1268,7 +1276,7 @@ class Trainer:
         guide = build_model(args.guide, self.classes).to(device) if args.labels != "true" else None
         models = [m for m in (target, guide) if m is not None]
         if args.sync_bn and self.world > 1:
-            models = [synchronise_batchnorm(m, device) for m in models]
+            models = [synchronise_batchnorm(m) for m in models]
         for m in models:
             m.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.target, self.guide, self.models = models[0], (models[1] if guide is not None else None), models
@@ -1288,13 +1296,16 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.best_val = ckpt["epoch"] + 1, ckpt["best_val"]
         self.sums = {**new_epoch_sums(), **(ckpt["partial"] or {}), "step": ckpt["step"]}
+        if ckpt.get("world", self.world) != self.world:  # allowed (the global batch is the same), but said
+            self.log(f"note: resumed on {self.world} process(es), the run started on {ckpt['world']}: the attack's "
+                     "random starts (one seed per process) differ from an uninterrupted run's; all else is the same")
 
     def checkpoint(self, epoch_done, sums=None):
         """last.pt (rank 0): everything a resume needs; mid-epoch, `sums` holds the position."""
         if self.main_process:
             save_atomic({**self.weights(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                          "epoch": epoch_done, "step": int(sums["step"]) if sums else 0, "partial": sums,
-                         "best_val": self.best_val}, self.last_path)
+                         "best_val": self.best_val, "world": self.world}, self.last_path)
 
     def weights(self):
         """What every checkpoint holds: plain state_dicts plus what rebuilds the models, and provenance."""
@@ -1329,11 +1340,13 @@ def end_epoch(trainer, epoch, sums):
            "loss_target": sums["loss_target"] / n_steps if paper_epoch > 0 else None,
            "dynamic_label_acc": sums["dyn_correct"] / sums["seen"] if guide is not None else None}
     if trainer.main_process and (epoch % args.eval_every == 0 or epoch == last):
-        row.update(evaluate_epoch(trainer))
+        row.update(evaluate_epoch(trainer, epoch))
     else:
         row.update(dict.fromkeys(("guide_clean_acc", "target_clean_acc", "guide_pred_classes",
                                   "target_pred_classes", "target_pgd_acc", "pgd_split", "pgd_n")))
-    row["warning"] = None if trainer.warned else collapse_warning(row, trainer.classes, args.guide_warmup + 1)
+    steps_per_epoch = math.ceil(len(trainer.labels) / args.batch_size)
+    row["warning"] = None if trainer.warned else collapse_warning(row, trainer.classes, args.guide_warmup + 1,
+                                                                  steps_per_epoch)
     trainer.warned = trainer.warned or row["warning"] is not None
     improved = trainer.data["val"] is not None and row["target_pgd_acc"] is not None and row["target_pgd_acc"] >= trainer.best_val
     if improved:
@@ -1376,7 +1389,7 @@ def run(args, given=()):
         trainer.log(f"resumed {args.out_dir} at epoch {trainer.start_epoch}, batch {int(trainer.sums['step'])}")
     del ckpt  # free the host copy of the weights and the optimizer state
     trainer.log(f"training {args.target} (target) with {args.guide if trainer.guide is not None else 'no'} guide on "
-                f"{args.dataset} ({len(trainer.y_train)} train images, {trainer.classes} classes), {trainer.world} "
+                f"{args.dataset} ({len(trainer.labels)} train images, {trainer.classes} classes), {trainer.world} "
                 f"process(es) on {trainer.device}, amp={trainer.amp}, channels_last={trainer.channels_last}")
     with GracefulStop() as stop:
         for epoch in range(trainer.start_epoch, last + 1):  # --guide-warmup's epochs, then --epochs

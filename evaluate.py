@@ -41,7 +41,7 @@ COLUMNS = {"clean": "Clean", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": 
 # --resume refuses an out-dir evaluated with other values of these: they change the numbers.
 # batch_size too: AutoAttack draws its random starts per batch.
 SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "n", "epsilon", "step_size", "restarts", "seed", "amp",
-            "batch_size")
+            "batch_size", "device")  # device: another device's kernels round differently
 
 
 def get_parser():

@@ -879,11 +879,11 @@ def epoch_row(epoch, dyn, acc, pred_classes):
     ({**epoch_row(4, None, 0.10, 1)}, None),                       # no guide (--labels true)
 ])
 def test_collapse_warning(row, fires):
-    warning = dynat.collapse_warning(row, classes=10, first_target_epoch=1)
+    warning = dynat.collapse_warning(row, classes=10, first_target_epoch=1, steps_per_epoch=24)
     if fires is None:
         assert warning is None
-    else:
-        assert fires in warning and "--guide-warmup" in warning and f"epoch {row['epoch']}" in warning
+    else:  # the remedy sized for ~80 guide steps: 4 epochs of 24 steps
+        assert fires in warning and "--guide-warmup 4" in warning and f"epoch {row['epoch']}" in warning
 
 
 def test_no_function_longer_than_80_lines():

@@ -95,6 +95,25 @@ def test_one_host_read_per_training_step(tmp_path):
     assert sum(counts.values()) <= steps, counts
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: counts the syncs CUDA itself reports")
+def test_one_cuda_sync_per_training_step_on_a_gpu(tmp_path):
+    """On a GPU, torch's sync debug mode reports every host wait (copies, .item(), boolean indexing)."""
+    import warnings
+    trainer = trainer_for(loop_argv(tmp_path / "run") + ["--device", "cuda"])
+    with dynat.GracefulStop() as stop:
+        dynat.train_epoch(trainer, 2, dynat.new_epoch_sums(), stop)  # cuDNN autotuning, allocator warm-up
+        sums = dynat.new_epoch_sums()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                dynat.train_epoch(trainer, 3, sums, stop)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= sums["step"], syncs[:5]
+
+
 def _two_process_worker(rank, port, out, result_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -116,8 +135,8 @@ def test_at_most_two_host_reads_per_step_under_two_processes(tmp_path):
     for rank in (0, 1):
         with open(tmp_path / f"{rank}.json") as f:
             result = json.load(f)
-        assert result["steps"] == 5
-        assert sum(result["counts"].values()) <= 2 * result["steps"], (rank, result["counts"])
+        assert result["steps"] == 5  # the issue's bound under torchrun is 2 reads per step; the loop does 1
+        assert sum(result["counts"].values()) <= result["steps"], (rank, result["counts"])
 
 
 # ----------------------------------------------------------------------------- guide warm-up
@@ -139,6 +158,22 @@ def test_guide_warmup_trains_the_guide_alone_then_algorithm_1(tmp_path):
         dynat.train_epoch(trainer, 2, after, stop)  # Algorithm 1 from here on
     assert not all(torch.equal(v, target_before[k]) for k, v in trainer.target.state_dict().items())
     assert after["loss_target"] > 0
+
+
+def test_the_variants_switch_on_counted_after_the_guide_warmup(tmp_path, monkeypatch):
+    trainer = trainer_for(["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "3",
+                           "--guide-warmup", "1", "--awp", "--awp-warmup", "2", "--out-dir", str(tmp_path / "run"),
+                           "--dry-run", *TINY])
+    gammas, real = {}, dynat.dynat_loss
+
+    def dynat_loss(*a, **kw):  # record the AWP gamma each epoch's steps get
+        gammas[epoch] = kw["awp_gamma"]
+        return real(*a, **kw)
+    monkeypatch.setattr(dynat, "dynat_loss", dynat_loss)
+    with dynat.GracefulStop() as stop:
+        for epoch in (1, 2, 3, 4):
+            dynat.train_epoch(trainer, epoch, dynat.new_epoch_sums(), stop)
+    assert gammas == {2: 0.0, 3: 0.005, 4: 0.005}  # epoch 1 trains the guide alone; AWP from the paper's epoch 2
 
 
 def test_guide_warmup_needs_a_guide(tmp_path, capsys):
@@ -224,7 +259,7 @@ def test_a_dead_target_is_warned_about_once(tmp_path, monkeypatch, capsys):
     rows, err = run_with_guide(tmp_path, monkeypatch, capsys, dead_target=True)
     assert [r["target_pred_classes"] for r in rows] == [1, 1, 1, 1]
     assert all(r["guide_pred_classes"] == 3 and r["dynamic_label_acc"] > 0.9 for r in rows)
-    assert err.count("warning:") == 1 and "is dead" in err and "--target-clip" in err
+    assert err.count("warning:") == 1 and "is dead" in err and "--guide-warmup 14" in err  # 6 steps per epoch
     assert [bool(r["warning"]) for r in rows] == [False, True, False, False]  # its second epoch, once
 
 
