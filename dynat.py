@@ -825,6 +825,12 @@ def evaluate_epoch(trainer, epoch):
     return row | {"pgd_split": "val" if val is not None else "test", "pgd_n": n}
 
 
+def first_free_epoch(args):
+    """The run's first epoch in which the target trains unhindered: after --guide-warmup and, with
+    --target-clip, after its clipped epochs (a clipped target is slow by design, not stalled)."""
+    return args.guide_warmup + 1 + (args.target_clip_epochs if args.target_clip > 0 else 0)
+
+
 def collapse_warning(row, classes, first_target_epoch, steps_per_epoch):
     """A one-line diagnosis when the target is dead (one predicted class, from its second epoch on) or
     far behind its own labels (clean accuracy under half the dynamic labels' agreement with y, from
@@ -1344,9 +1350,8 @@ def end_epoch(trainer, epoch, sums):
     else:
         row.update(dict.fromkeys(("guide_clean_acc", "target_clean_acc", "guide_pred_classes",
                                   "target_pred_classes", "target_pgd_acc", "pgd_split", "pgd_n")))
-    steps_per_epoch = math.ceil(len(trainer.labels) / args.batch_size)
-    row["warning"] = None if trainer.warned else collapse_warning(row, trainer.classes, args.guide_warmup + 1,
-                                                                  steps_per_epoch)
+    row["warning"] = None if trainer.warned else collapse_warning(row, trainer.classes, first_free_epoch(args),
+                                                                  math.ceil(len(trainer.labels) / args.batch_size))
     trainer.warned = trainer.warned or row["warning"] is not None
     improved = trainer.data["val"] is not None and row["target_pgd_acc"] is not None and row["target_pgd_acc"] >= trainer.best_val
     if improved:

@@ -896,3 +896,14 @@ def test_no_function_longer_than_80_lines():
         long += [f"{name}:{n.name} ({n.end_lineno - n.lineno + 1})" for n in ast.walk(tree)
                  if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 80]
     assert not long, long
+
+
+@pytest.mark.parametrize("argv,first", [([], 1), (["--guide-warmup", "2"], 3), (["--target-clip", "0.5"], 3),
+                                        (["--guide-warmup", "1", "--target-clip", "0.5", "--target-clip-epochs", "1"], 3)])
+def test_the_warning_waits_for_the_warm_up_and_the_clipped_epochs(argv, first):
+    """A clipped target is slow on purpose: judged only once it trains unhindered."""
+    args = dynat.get_parser().parse_args(argv)
+    assert dynat.first_free_epoch(args) == first
+    behind = epoch_row(first + 1, 0.6, 0.1, 10)  # far behind, one epoch too early to say
+    assert dynat.collapse_warning(behind, 10, dynat.first_free_epoch(args), 24) is None
+    assert dynat.collapse_warning(dict(behind, epoch=first + 2), 10, dynat.first_free_epoch(args), 24)
