@@ -1253,6 +1253,7 @@ class Trainer:
         self.load_data()
         self.build_models()
         self.start_epoch, self.sums, self.best_val = 1, new_epoch_sums(), -1.0
+        self.provenance = provenance()  # the code this run starts with, recorded in every checkpoint
         if ckpt is not None:
             self.restore(ckpt)
         self.warned = False
@@ -1316,7 +1317,7 @@ class Trainer:
     def weights(self):
         """What every checkpoint holds: plain state_dicts plus what rebuilds the models, and provenance."""
         return {"target": self.target.state_dict(), "classes": self.classes, "args": vars(self.args),
-                "guide": self.guide.state_dict() if self.guide is not None else None, "provenance": provenance()}
+                "guide": self.guide.state_dict() if self.guide is not None else None, "provenance": self.provenance}
 
     def start_files(self):
         """args.json, and metrics.jsonl cut back to the epochs before the one we start at."""
