@@ -849,8 +849,8 @@ def collapse_warning(row, classes, first_target_epoch, steps_per_epoch):
     warmup = max(1, math.ceil(80 / steps_per_epoch))
     return (f"warning: epoch {row['epoch']}: the target {state}. Its first steps fit the guide's near-constant, "
             "class-hopping early labels, which pushes its last ReLUs to zero (README, 'Training dynamics'); "
-            f"rerun with --guide-warmup {warmup} (the guide alone for ~80 of these {steps_per_epoch}-step epochs' "
-            "steps first), or --target-clip 0.5")
+            f"rerun with --guide-warmup {warmup} (about 80 steps of the guide alone first, at {steps_per_epoch} "
+            "steps per epoch), or --target-clip 0.5")
 
 
 # ----------------------------------------------------------------------------- checkpoints
