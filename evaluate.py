@@ -40,8 +40,8 @@ COLUMNS = {"clean": "Clean", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": 
            "aa": "AA"}
 # --resume refuses an out-dir evaluated with other values of these: they change the numbers.
 # batch_size too: AutoAttack draws its random starts per batch.
-SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "n", "epsilon", "step_size", "restarts", "seed", "amp",
-            "batch_size", "device")  # device: another device's kernels round differently
+SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "images_sha256", "n", "epsilon", "step_size", "restarts",
+            "seed", "amp", "batch_size", "device")  # device: another device's kernels round differently
 
 
 def get_parser():
@@ -91,6 +91,13 @@ def column(name):
     """Table header of an attack: pgd20 -> PGD-20, cw20 -> C&W-20, aa -> AA."""
     m = re.fullmatch(r"(pgd|cw)(\d+)", name)
     return f"{'PGD' if m[1] == 'pgd' else 'C&W'}-{m[2]}" if m else COLUMNS[name]
+
+
+def images_sha256(x, y):
+    """Names the test images evaluated: two image folders of one dataset name never share an out-dir."""
+    h = hashlib.sha256(x.contiguous().numpy().tobytes())
+    h.update(y.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()
 
 
 def file_sha256(path):
@@ -345,7 +352,8 @@ def run(args):
     x, y = x_test[:n], y_test[:n]
     attack_precision = "bf16" if amp is not None else "float32"
     meta = {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint),
-            "model": args.model, "arch": arch, "dataset": dataset, "classes": classes, "n": n, "n_test": len(y_test),
+            "model": args.model, "arch": arch, "dataset": dataset, "images_sha256": images_sha256(x, y),
+            "classes": classes, "n": n, "n_test": len(y_test),
             "epsilon": args.epsilon, "step_size": args.step_size, "restarts": args.restarts, "seed": args.seed,
             "amp": args.amp, "batch_size": args.batch_size, "attacks": ["clean"] + attacks, "device": str(device),
             "precision": {a: "float32" if a == "clean" or a in AUTOATTACK else attack_precision

@@ -5,6 +5,7 @@ layer is fitted to the test images, so that it is accurate clean and breaks grad
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -387,6 +388,14 @@ def test_evaluations_with_other_settings_never_share_a_default_out_dir(folder, c
     rc, _, err = run_eval(capsys, ckpt, "--epsilon", EPS, *runs["pgd2-n8"])
     assert_usage_error(rc, err)
     assert "--resume" in err and "--overwrite" in err
+    # other test images under the same dataset name (an ImageFolder elsewhere): another directory too
+    other = tmp_path / "other"
+    shutil.copytree(folder["root"], other)
+    first_image = sorted((other / "test" / "c0").iterdir())[0]
+    Image.fromarray(255 - np.asarray(Image.open(first_image))).save(first_image)
+    rc, out, err = run_eval(capsys, ckpt, "--epsilon", EPS, *runs["pgd2-n8"], "--data-dir", other)
+    assert rc == 0, err
+    assert out.split("-> ")[1].splitlines()[0].strip() not in dirs.values()
 
 
 def test_a_text_file_is_not_a_checkpoint(capsys, tmp_path):
