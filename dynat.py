@@ -831,12 +831,13 @@ def first_free_epoch(args):
     return args.guide_warmup + 1 + (args.target_clip_epochs if args.target_clip > 0 else 0)
 
 
-def collapse_warning(row, classes, first_target_epoch, steps_per_epoch):
+def collapse_warning(row, classes, first_target_epoch, steps_per_epoch, guide_warmup=0):
     """A one-line diagnosis when the target is dead (one predicted class, from its second epoch on) or
     far behind its own labels (clean accuracy under half the dynamic labels' agreement with y, from
     its third epoch on) while those labels are clearly better than chance (at least twice chance);
     None for a healthy target or a run without a guide. The remedy it names is sized from README's
-    measurements: the guide needs some 50-80 steps alone before the target starts."""
+    measurements, about 80 steps of the guide alone before the target starts, and is always more
+    than the run's own `guide_warmup`."""
     dyn, acc, pred = row.get("dynamic_label_acc"), row.get("target_clean_acc"), row.get("target_pred_classes")
     if dyn is None or acc is None or classes < 2 or dyn < 2 / classes:
         return None
@@ -846,11 +847,11 @@ def collapse_warning(row, classes, first_target_epoch, steps_per_epoch):
         state = f"is far behind its labels: clean accuracy {acc:.3f}, its dynamic labels agree with y {dyn:.3f}"
     else:
         return None
-    warmup = max(1, math.ceil(80 / steps_per_epoch))
+    warmup = max(math.ceil(80 / steps_per_epoch), 2 * guide_warmup)
     return (f"warning: epoch {row['epoch']}: the target {state}. Its first steps fit the guide's near-constant, "
             "class-hopping early labels, which pushes its last ReLUs to zero (README, 'Training dynamics'); "
             f"rerun with --guide-warmup {warmup} (about 80 steps of the guide alone first, at {steps_per_epoch} "
-            "steps per epoch), or --target-clip 0.5")
+            f"steps per epoch{f'; this run had {guide_warmup}' if guide_warmup else ''}), or --target-clip 0.5")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -1109,8 +1110,9 @@ def provenance():
 METRIC_CURVES = ("dynamic_label_acc", "guide_clean_acc", "target_clean_acc", "target_pgd_acc")
 RESUME_KEYS = {"target", "guide", "optimizer", "scaler", "epoch", "step", "partial", "best_val", "args"}
 # What a resumed run takes from its command line; every other flag comes from the run's args.
-RESUME_ALWAYS = ("resume", "device", "workers", "out_dir", "overwrite")
-RESUME_MAY_CHANGE = RESUME_ALWAYS + ("data_dir", "eval_every", "eval_pgd_n", "compile", "deterministic")
+RESUME_ALWAYS = ("resume", "out_dir", "overwrite")
+RESUME_MAY_CHANGE = RESUME_ALWAYS + ("device", "workers", "data_dir", "eval_every", "eval_pgd_n", "compile",
+                                     "deterministic")
 RESUME_REASONS = {
     "epochs": "the lr milestones sit at 75 % and 90 % of --epochs, so another value re-times epochs already trained",
     "seed": "the remaining steps' data order, augmentation and attack starts are drawn from it",
@@ -1248,6 +1250,8 @@ class Trainer:
                         os.remove(path)
         configure_backends(args.deterministic)
         self.amp, self.channels_last = amp_dtype(args.amp, self.device), args.channels_last
+        if args.amp == "auto":  # recorded as resolved: a resume on another device keeps the run's precision
+            args.amp = {None: "none", torch.bfloat16: "bf16"}[self.amp]
         # One shape for every evaluation forward where shapes cost: cuDNN autotuning, compiled graphs.
         self.fixed_shapes = self.device.type == "cuda" or args.compile
         self.load_data()
@@ -1305,7 +1309,9 @@ class Trainer:
         self.sums = {**new_epoch_sums(), **(ckpt["partial"] or {}), "step": ckpt["step"]}
         if ckpt.get("world", self.world) != self.world:  # allowed (the global batch is the same), but said
             self.log(f"note: resumed on {self.world} process(es), the run started on {ckpt['world']}: the attack's "
-                     "random starts (one seed per process) differ from an uninterrupted run's; all else is the same")
+                     "random starts (one seed per process) differ from an uninterrupted run's, and so do what each "
+                     "process computes over its share of the batch (GAIRAT/MAIL/ISEAT weights; BatchNorm's batch "
+                     "statistics unless --sync-bn)")
 
     def checkpoint(self, epoch_done, sums=None):
         """last.pt (rank 0): everything a resume needs; mid-epoch, `sums` holds the position."""
@@ -1352,7 +1358,8 @@ def end_epoch(trainer, epoch, sums):
         row.update(dict.fromkeys(("guide_clean_acc", "target_clean_acc", "guide_pred_classes",
                                   "target_pred_classes", "target_pgd_acc", "pgd_split", "pgd_n")))
     row["warning"] = None if trainer.warned else collapse_warning(row, trainer.classes, first_free_epoch(args),
-                                                                  math.ceil(len(trainer.labels) / args.batch_size))
+                                                                  math.ceil(len(trainer.labels) / args.batch_size),
+                                                                  args.guide_warmup)
     trainer.warned = trainer.warned or row["warning"] is not None
     improved = trainer.data["val"] is not None and row["target_pgd_acc"] is not None and row["target_pgd_acc"] >= trainer.best_val
     if improved:

@@ -886,6 +886,12 @@ def test_collapse_warning(row, fires):
         assert fires in warning and "--guide-warmup 4" in warning and f"epoch {row['epoch']}" in warning
 
 
+def test_the_warning_never_recommends_the_warm_up_the_run_already_had():
+    behind = epoch_row(7, 0.6, 0.1, 10)
+    assert "--guide-warmup 4 " in dynat.collapse_warning(behind, 10, 3, 24, guide_warmup=2)  # ~80 steps > 2 epochs
+    assert "--guide-warmup 8 " in dynat.collapse_warning(behind, 10, 5, 24, guide_warmup=4)  # had ~80: double it
+
+
 def test_no_function_longer_than_80_lines():
     import ast
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

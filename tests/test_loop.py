@@ -292,6 +292,22 @@ def test_resume_refuses_flags_that_would_change_the_run(tmp_path, capsys):
     assert resumed.batch_size == 16 and resumed.epochs == 1
 
 
+def test_a_resume_keeps_the_runs_device_and_precision_unless_told(tmp_path):
+    """`--amp auto` is recorded as what it resolved to, and --device/--workers default to the run's own:
+    a plain resume on another machine does not switch the run to another device or precision."""
+    out = tmp_path / "run"
+    assert dynat.main(["--dataset", "synthetic", "--epochs", "1", "--dry-run", "--batch-size", "16",
+                       "--out-dir", str(out), *TINY]) == 0
+    with open(out / "args.json") as f:
+        assert json.load(f)["amp"] == "none"  # auto, on a CPU
+    argv = ["--resume", str(out)]
+    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), dynat.given_flags(argv))
+    assert (resumed.device, resumed.workers, resumed.amp) == ("cpu", 0, "none")
+    argv += ["--device", "cuda", "--workers", "3"]
+    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), dynat.given_flags(argv))
+    assert (resumed.device, resumed.workers, resumed.amp) == ("cuda", 3, "none")
+
+
 # ----------------------------------------------------------------------------- data
 
 def write_idx(path, array):
