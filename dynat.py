@@ -13,8 +13,9 @@ Algorithm 1, one iteration on a clean batch (x, y) in [0, 1] pixels:
 
 Headline row (Table 2, CIFAR-100, DYNAT-Inner-AWP alpha=1, beta=0.2):
   python dynat.py --dataset cifar100 --inner --awp --alpha 1 --beta 0.2
-Last measured result: none of the paper's rows has been run with this code yet; see the
-README ("Reproducing the paper") for what has been measured and on what.
+Last measured result: none of the paper's rows (CIFAR, 100 epochs) has been run with this code yet.
+On real images, on a CPU: DYNAT-Inner, 5,000 Fashion-MNIST images, WRN-16-2 / WRN-10-1, 4 epochs,
+seed 0: 65.8 % clean, 59.6 % PGD-20 (README, "A real run on a CPU" and "Training dynamics").
 """
 import argparse
 import contextlib
