@@ -1396,7 +1396,7 @@ def run(args, given=()):
     trainer = Trainer(args, ckpt)
     last = args.guide_warmup + args.epochs
     if trainer.start_epoch > last:
-        trainer.log(f"{args.out_dir} already finished its {last} epochs: nothing to do")
+        trainer.log(f"{args.out_dir} already finished its {last} epoch{'s' * (last != 1)}: nothing to do")
         return 0
     trainer.start_files()
     if ckpt is not None:

@@ -17,7 +17,6 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dynat  # noqa: E402
-import models  # noqa: E402
 from test_scripts import make_imagefolder  # noqa: E402
 
 TINY = ["--target", "wrn-10-1", "--guide", "wrn-10-1", "--num-steps", "1", "--eval-pgd-n", "8", "--workers", "0",
@@ -283,7 +282,7 @@ def test_resume_refuses_flags_that_would_change_the_run(tmp_path, capsys):
     assert "--seed" not in err  # given, but the run's own value
     # a finished run says so instead of silently doing nothing
     assert dynat.main(["--resume", str(out)]) == 0
-    assert "already finished its 1 epochs: nothing to do" in capsys.readouterr().out
+    assert "already finished its 1 epoch: nothing to do" in capsys.readouterr().out
     # what a resume may change is taken from the command line; the rest from the run
     args = dynat.get_parser().parse_args(["--resume", str(out), "--eval-every", "3", "--data-dir", "/elsewhere"])
     resumed, _ = dynat.resolve_resume(args, dynat.given_flags(["--resume", str(out), "--eval-every", "3",
