@@ -602,6 +602,11 @@ def learning_rate(epoch, base_lr, epochs):
     return base_lr
 
 
+def last_epoch(args):
+    """The run's last epoch: --guide-warmup's epochs come before the --epochs of Algorithm 1."""
+    return args.guide_warmup + args.epochs
+
+
 def paper_epoch_and_lr(args, epoch):
     """(the paper's epoch, its learning rate) for a run's `epoch`. --guide-warmup's epochs come first,
     numbered <= 0 in the paper's schedule, with the guide's own warm start: 0.2 lr, then lr (at 0.2 lr
@@ -1347,13 +1352,12 @@ def end_epoch(trainer, epoch, sums):
     per run), appended to metrics.jsonl and curves.png, then last.pt and best.pt."""
     args, guide = trainer.args, trainer.guide
     n_steps = max(sums["step"], 1)
-    last = args.guide_warmup + args.epochs
     paper_epoch, lr = paper_epoch_and_lr(args, epoch)
     row = {"epoch": epoch, "lr": lr, "seconds": round(sums["seconds"], 3), "target_trained": paper_epoch > 0,
            "loss_guide": sums["loss_guide"] / n_steps if guide is not None else None,
            "loss_target": sums["loss_target"] / n_steps if paper_epoch > 0 else None,
            "dynamic_label_acc": sums["dyn_correct"] / sums["seen"] if guide is not None else None}
-    if trainer.main_process and (epoch % args.eval_every == 0 or epoch == last):
+    if trainer.main_process and (epoch % args.eval_every == 0 or epoch == last_epoch(args)):
         row.update(evaluate_epoch(trainer, epoch))
     else:
         row.update(dict.fromkeys(("guide_clean_acc", "target_clean_acc", "guide_pred_classes",
@@ -1394,7 +1398,7 @@ def run(args, given=()):
         args, ckpt = resolve_resume(args, given)
     validate_args(args)
     trainer = Trainer(args, ckpt)
-    last = args.guide_warmup + args.epochs
+    last = last_epoch(args)
     if trainer.start_epoch > last:
         trainer.log(f"{args.out_dir} already finished its {last} epoch{'s' * (last != 1)}: nothing to do")
         return 0
