@@ -22,7 +22,7 @@ what was allocated before it (every model and optimizer alive in the process is 
 only the process's peak RSS over all rows (getrusage ru_maxrss), in the header.
 FLOPs: one real step of ours, eager, counted by FlopCount (torch.utils.flop_counter's formulas for
 matmuls and convolutions, forward and backward), on every device. MFU = FLOPs / median step time /
-peak, against two peaks: a matmul measured here in the row's precision (8192^2 on CUDA, 2048^2 on
+peak, against two peaks: a matmul measured here in the row's precision (8192^2 on CUDA, 1024^2 on
 a CPU), and on the GPUs of DATASHEET_TFLOPS the datasheet's dense peak. fp32 rows on a GPU of compute
 capability 8.0 or newer run TF32 (dynat.py allows it) and are labelled so.
 
@@ -31,6 +31,7 @@ Quick start (CPU, a few minutes on 2 cores):
 Last measured: see README, "Performance" (hardware, torch version and the table).
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -45,7 +46,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import dynat
-from models import ARCH_HELP
 
 PRECISIONS = ("none", "bf16", "fp16")
 # Dense (no sparsity) datasheet peaks in TFLOP/s: (fp32, tf32, bf16, fp16), matched by substrings of
@@ -74,7 +74,7 @@ def get_parser():
     p = argparse.ArgumentParser(description="Time DYNAT training steps against their pass-count floor and the release's pattern.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--target", default="wrn-34-10", help=f"target model f_t ({ARCH_HELP}); wrn-16-4 for a CPU run")
+    a("--target", default="wrn-34-10", help="target model f_t (resnet18 or wrn-D-K); wrn-16-4 for a CPU run")
     a("--guide", default="resnet18", help="guide model f_g (same choices); wrn-16-2 for a CPU run")
     a("--batch-size", type=int, default=128, help="batch size m")
     a("--num-steps", type=int, default=10, help="attack steps K")
@@ -142,10 +142,12 @@ def peak_mib(fn, device):
 
 
 def matmul_peak(device, dtype):
-    """FLOP/s of a large square matmul in `dtype` (an MFU denominator), measured here."""
-    n = 8192 if device.type == "cuda" else 2048
+    """FLOP/s of a large square matmul in `dtype` (an MFU denominator), measured here. On a CPU 1024^2 with 3
+    timed rounds: a CPU without bf16 units emulates a bf16 matmul about 50x slower than float32 (AMD EPYC Zen 3:
+    1 vs 58 GFLOP/s), where 2048^2 would take a minute a round."""
+    n, rounds = (8192, (10, 3)) if device.type == "cuda" else (1024, (3, 1))
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / statistics.median(time_round_robin({"mm": lambda: a @ b}, device, 10, 3)["mm"])
+    return 2 * n ** 3 / statistics.median(time_round_robin({"mm": lambda: a @ b}, device, *rounds)["mm"])
 
 
 def runs_tf32(device):
@@ -192,22 +194,20 @@ def count_flops(fn):
 
 def batch_fn(device, batch_size, channels_last):
     """Augmented batches of synthetic uint8 images, through the training loop's own data path."""
-    images, labels = dynat.load_data("synthetic", None)["train"]
-    images, labels = images.to(device), labels.to(device)
+    data = dynat.sibling("data")
+    images, labels = (t.to(device) for t in data.load_data("synthetic", None)["train"])
 
     def next_batch():
         idx = torch.randint(len(labels), (batch_size,), device=device)  # the loop's shuffled batch
-        return dynat.train_batch(images, labels, idx, device, channels_last)
+        return data.train_batch(images, labels, idx, device, channels_last)
     return next_batch
 
 
-def our_step_fn(target, guide, optimizer, scaler, next_batch, settings, amp):
-    """One training step exactly as dynat.run() does it (no algorithm here)."""
+def our_step_fn(target, guide, optimizer, scaler, next_batch, cfg, amp):
+    """One training step exactly as dynat.py's loop takes it: dynat.train_step and its one host read."""
     def step():
         x, y = next_batch()
-        loss, stats = dynat.dynat_loss(target, guide, x, y, **settings, amp=amp, loss_scale=scaler.scale)
-        dynat.optimizer_step(loss, optimizer, scaler, [m for m in (target, guide) if m is not None])
-        dynat.step_values(stats, 1.0).tolist()  # the training loop's one host read per step
+        dynat.train_step(target, guide, optimizer, scaler, x, y, cfg, amp=amp).tolist()
     return step
 
 
@@ -222,22 +222,22 @@ def literal_step_fn(target, guide, next_batch, settings, lr=0.1):
     proxy = copy.deepcopy(target)
     optimizer = torch.optim.SGD([*target.parameters(), *guide.parameters()], lr=lr, momentum=0.9, weight_decay=2e-4)
     proxy_opt = torch.optim.SGD(proxy.parameters(), lr=0.01)
-    eps, step_size, k = settings["epsilon"], settings["step_size"], settings["num_steps"]
-    beta, alpha, gamma = settings["beta"], settings["alpha"], settings["awp_gamma"]
+    eps, step_size, k, beta, alpha = settings.epsilon, settings.step_size, settings.num_steps, settings.beta, settings.alpha
+    gamma = settings.awp_gamma if settings.awp else 0.0
 
     def step():
         x, y = next_batch()
         x = x.contiguous()
         target.eval()
         x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
-        if not settings["inner"]:
+        if not settings.inner:
             with torch.no_grad():
                 p_nat = F.softmax(target(x), dim=1)
         for _ in range(k):
             x_adv.requires_grad_(True)
             y_dyn = guide(x).argmax(1)  # the release re-runs the guide in every attack step
             logits = target(x_adv)
-            obj = (F.cross_entropy(logits, y_dyn, reduction="sum") if settings["inner"]
+            obj = (F.cross_entropy(logits, y_dyn, reduction="sum") if settings.inner
                    else F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum"))
             grad, = torch.autograd.grad(obj, x_adv)
             x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
@@ -277,9 +277,13 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
     {piece: (callable doing one pass, passes per step)}. Each callable sets the modes it needs and
     leaves both models in train mode with their weights requiring grad, as our step expects."""
     x, y = next_batch()
-    x_adv = (x + settings["epsilon"] * torch.randn_like(x).sign()).clamp(0, 1)
-    alpha, ctx = settings["alpha"], lambda: dynat.autocast(device, amp)
-    attack_ctx = lambda: dynat.autocast(device, dynat.attack_dtype(amp, device))  # never fp16, as perturb
+    x_adv = (x + settings.epsilon * torch.randn_like(x).sign()).clamp(0, 1)
+    alpha, ctx = settings.alpha, lambda: dynat.autocast(device, amp)
+
+    @contextlib.contextmanager
+    def attack_ctx():  # never fp16, as perturb
+        with ctx(), dynat.no_fp16(device):
+            yield
     pieces = {}
 
     def input_grad():  # one attack iterate: eval mode, weights frozen, gradient w.r.t. the input only
@@ -289,9 +293,9 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
             logits = target(xa).float()
         torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xa)
         target.train().requires_grad_(True)
-    pieces["target fwd+input-grad"] = (input_grad, settings["num_steps"])
+    pieces["target fwd+input-grad"] = (input_grad, settings.num_steps)
 
-    if not settings["inner"]:
+    if not settings.inner:
         def clean_forward():  # p(f_t(x)) of the KL attack
             target.eval()
             with torch.no_grad(), attack_ctx():
@@ -312,7 +316,7 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
         target_loss().backward()
     pieces["target fwd+bwd" + (" (x' and x)" if alpha > 0 else "")] = (target_fwd_bwd, 1)
 
-    if settings["clean_bn"] and alpha == 0:
+    if settings.clean_bn and alpha == 0:
         def clean_bn_forward():  # the release's BatchNorm statistics: f_t(x) in train mode, no graph
             with torch.no_grad(), ctx():
                 target(x).float()
@@ -325,7 +329,7 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
         loss.backward()
     pieces["guide fwd+bwd"] = (guide_fwd_bwd, 1)
 
-    if settings["awp_gamma"] > 0:
+    if settings.awp:
         weights = [p for p in target.parameters() if p.ndim > 1]
         # AWP's ascent direction: the target's loss, gradient w.r.t. its conv/linear weights only.
         pieces["AWP target fwd+weight-grad"] = (lambda: torch.autograd.grad(target_loss(), weights), 1)
@@ -338,14 +342,13 @@ def build(args, device):
     """The models, and {(row, precision): step fn} plus each precision's floor pieces, all sharing the
     same initial weights; the literal baseline takes eager fp32 NCHW copies before anything else."""
     # dynat.py's defaults for everything not benchmarked (epsilon, step size, beta, AWP gamma, ...).
-    dyn_args = dynat.get_parser().parse_args(["--target", args.target, "--guide", args.guide,
-                                              "--num-steps", str(args.num_steps), "--alpha", str(args.alpha)]
-                                             + ["--inner"] * args.inner + ["--awp"] * args.awp
-                                             + ["--no-clean-bn"] * (not args.clean_bn))
+    dyn_args = dynat.get_parser().parse_args(["--target", args.target, "--guide", args.guide])
     dynat.validate_args(dyn_args)
-    settings = dynat.loss_settings(dyn_args, epoch=dyn_args.awp_warmup if args.awp else 1)  # AWP on if asked
+    settings = dynat.Config(num_steps=args.num_steps, alpha=args.alpha, inner=args.inner, awp=args.awp,
+                            clean_bn=args.clean_bn)
     torch.manual_seed(0)
-    target, guide = dynat.build_model(args.target, 10).to(device), dynat.build_model(args.guide, 10).to(device)
+    build = dynat.sibling("models").build_model
+    target, guide = build(args.target, 10).to(device), build(args.guide, 10).to(device)
     fns = {("literal", "fp32"): literal_step_fn(target, guide, batch_fn(device, args.batch_size, False),
                                                 settings, dyn_args.lr)}
     variants = [("", target, guide)]

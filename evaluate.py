@@ -32,7 +32,6 @@ import pyautoattack
 import torch
 
 import dynat
-from models import ARCH_HELP, build_model
 
 AA_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack "standard", in its order
 AUTOATTACK = AA_STAGES + ("aa",)
@@ -52,8 +51,8 @@ def get_parser():
     a("--model", default="target", choices=["target", "guide"], help="which model of the checkpoint: f_t or f_g")
     a("--attacks", default="clean,pgd10,pgd20,pgd50,cw20,aa",
       help="comma list of clean, pgdK, cwK (any K), apgd-ce, apgd-t, fab-t, square, aa; clean always runs")
-    a("--epsilon", type=dynat.fraction, default=8 / 255, help="L-inf radius epsilon, e.g. 8/255 or 0.031")
-    a("--step-size", type=dynat.fraction, default=2 / 255, help="PGD / C&W step size alpha")
+    a("--epsilon", type=dynat.fraction, default="8/255", help="L-inf radius epsilon, e.g. 8/255 or 0.031")
+    a("--step-size", type=dynat.fraction, default="2/255", help="PGD / C&W step size alpha")
     a("--restarts", type=int, default=1, help="PGD / C&W random starts; robust = survives all of them")
     a("--seed", type=int, default=0, help="seed of the random starts (every attack is reseeded with it)")
     a("--n", type=int, default=None, help="evaluate the first N test images (unset: the whole test set)")
@@ -61,10 +60,10 @@ def get_parser():
     a("--amp", default="none", choices=["none", "bf16", "fp16"],
       help="autocast precision of PGD / C&W (AutoAttack and clean always run in float32; the published "
            "columns are float32; fp16 is refused: its input gradient underflows and PGD stops moving)")
-    a("--dataset", default=None, choices=dynat.DATASETS,
+    a("--dataset", default=None, choices=dynat.sibling("data").DATASETS,
       help="test data (unset: the checkpoint's; required for a plain state_dict)")
     a("--data-dir", default=None, help="where the dataset lives (unset: the checkpoint's, else ./data)")
-    a("--arch", default=None, help=f"architecture of a plain state_dict: {ARCH_HELP}")
+    a("--arch", default=None, help="architecture of a plain state_dict: resnet18 or wrn-D-K, e.g. wrn-34-10")
     a("--workers", type=int, default=2, help="processes decoding an ImageFolder once at start-up")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--out-dir", default=None,
@@ -107,12 +106,6 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def fmt_eps(v):
-    """8/255 when v is a whole number of grey levels (how the paper writes it), else the decimal."""
-    k = round(v * 255)
-    return f"{k}/255" if k and abs(v * 255 - k) < 1e-9 else f"{v:g}"
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -176,7 +169,8 @@ def autoattack(model, x, y, robust, name, *, epsilon, seed, batch_size, device, 
                 batch, pending = pending[:batch_size], pending[batch_size:]
                 y_batch = y[batch].to(device)
                 # y_adv: predictions on x_adv, the clean point where the stage found nothing.
-                _, y_adv = aa.run_standard_evaluation(dynat.to_input(x[batch], device), y_batch, batch_size=len(batch))
+                x_batch = dynat.sibling("data").to_input(x[batch], device)
+                _, y_adv = aa.run_standard_evaluation(x_batch, y_batch, batch_size=len(batch))
                 robust[batch] = (y_adv == y_batch).cpu()
                 state.update(robust=robust.tolist(), pending=pending.tolist())
                 dynat.write_atomic(state_path, lambda f: json.dump(state, f), "w")
@@ -196,7 +190,7 @@ def pgd_settings(meta):
     """', PGD/C&W step 2/255, 1 restart(s)' when PGD or C&W ran; '' for an AutoAttack-only evaluation."""
     if not any(re.fullmatch(r"(pgd|cw)\d+", a) for a in meta["attacks"]):
         return ""
-    return f", PGD/C&W step {fmt_eps(meta['step_size'])}, {meta['restarts']} restart(s)"
+    return f", PGD/C&W step {dynat.fmt_fraction(meta['step_size'])}, {meta['restarts']} restart(s)"
 
 
 def summary(masks):
@@ -230,7 +224,7 @@ def save_outputs(out_dir, meta, masks, seconds, complete):
     dynat.write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(results, f, indent=1), "w")
     lines = table(meta, accuracy, mean, worst)
     header = (f"{meta['dataset']}, first {meta['n']} of {meta['n_test']} test images, L-inf eps = "
-              f"{fmt_eps(meta['epsilon'])}{pgd_settings(meta)}, seed {meta['seed']}; accuracy in %; precision: "
+              f"{dynat.fmt_fraction(meta['epsilon'])}{pgd_settings(meta)}, seed {meta['seed']}; accuracy in %; precision: "
               + ", ".join(f"{column(a)} {p}" for a, p in meta["precision"].items()))
     dynat.write_atomic(os.path.join(out_dir, "results.md"), lambda f: f.write("\n".join([header, ""] + lines) + "\n"), "w")
     return header, lines
@@ -241,12 +235,12 @@ def save_outputs(out_dir, meta, masks, seconds, complete):
 def load_model(args, device, log):
     """The model to evaluate (eval mode, frozen, on the device) and its test images (uint8, on the CPU)."""
     state, arch, dataset, data_dir, classes = resolve_checkpoint(args, log)
-    data = dynat.load_data(dataset, data_dir, args.workers)
+    data = dynat.checked(dynat.sibling("data").load_data, dataset, data_dir, args.workers)
     if classes is not None and classes != data["classes"]:
         raise dynat.UsageError(f"{args.checkpoint} has {classes} classes, {dataset} at {data_dir} "
                                f"has {data['classes']}")
     try:
-        model = build_model(arch, data["classes"])
+        model = dynat.sibling("models").build_model(arch, data["classes"])
     except ValueError as e:
         raise dynat.UsageError(f"--arch: {e}")
     dynat.load_weights(model, state, f"{args.checkpoint} [{args.model}]", log)  # strict: exact keys and shapes
@@ -260,7 +254,7 @@ def load_model(args, device, log):
     # threat model's pixel range (the models see unnormalised [0, 1] inputs).
     if any(m.training for m in model.modules()):
         raise dynat.UsageError(f"{arch}: a submodule stays in train mode after model.eval()")
-    probe = dynat.to_input(x_test[:args.batch_size], device)
+    probe = dynat.sibling("data").to_input(x_test[:args.batch_size], device)
     if x_test.dtype != torch.uint8 or probe.min() < 0 or probe.max() > 1:
         raise dynat.UsageError(f"{dataset}: test inputs are not [0, 1] pixels (dtype {x_test.dtype})")
     return model, arch, dataset, data["classes"], x_test, y_test
@@ -299,19 +293,18 @@ def open_out_dir(args, meta, attacks):
     return out_dir, done, seconds
 
 
-def attack(name, model, x, y, clean, args, out_dir, progress, **common):
+def attack(name, model, x, y, clean, args, out_dir, progress, amp, classes, **common):
     """One column: the robust flags of the n images under attack `name` (reseeded with --seed, so a
-    column does not depend on which attacks ran before it or on a resume)."""
+    column does not depend on which attacks ran before it or on a resume). PGD and C&W run in `amp`."""
     torch.manual_seed(args.seed)
     if name in AUTOATTACK:
         return autoattack(model, x, y, clean, name, epsilon=args.epsilon, seed=args.seed, batch_size=args.batch_size,
-                          device=common["device"], classes=common.pop("classes"), progress=progress,
+                          device=common["device"], classes=classes, progress=progress,
                           state_path=os.path.join(out_dir, f"autoattack_{name}.json"))
     loss, steps = re.fullmatch(r"(pgd|cw)(\d+)", name).groups()
     settings = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=int(steps),
                     loss="ce" if loss == "pgd" else "cw", start="uniform")
-    common.pop("classes")
-    with progress(0, column(name)) as bar:
+    with progress(0, column(name)) as bar, dynat.autocast(common["device"], amp):
         return dynat.robust_mask(model, x, y, settings, clean=clean, restarts=args.restarts, progress=bar, **common)
 
 
@@ -361,14 +354,14 @@ def run(args):
             **provenance()}
     out_dir, done, seconds = open_out_dir(args, meta, attacks)
     log(f"evaluating {meta['checkpoint']} [{args.model}: {arch}] on {dataset}: first {n} of {len(y_test)} test "
-        f"images, eps {fmt_eps(args.epsilon)}{pgd_settings(meta)}, seed {args.seed}, {device}, precision "
+        f"images, eps {dynat.fmt_fraction(args.epsilon)}{pgd_settings(meta)}, seed {args.seed}, {device}, precision "
         f"{', '.join(f'{column(a)} {p}' for a, p in meta['precision'].items())} -> {out_dir}")
     progress = lambda total, desc: tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True,
                                         disable=not sys.stderr.isatty())
     common = dict(device=device, batch_size=args.batch_size, channels_last=device.type == "cuda",
                   fixed_shape=device.type == "cuda")
     t0 = time.time()
-    masks = {"clean": dynat.correct_mask(model, x, y, **common)}  # float32, whatever --amp says
+    masks = {"clean": dynat.classify(model, x, y, **common)[1]}  # float32, whatever --amp says
     seconds["clean"] = time.time() - t0
     clean_acc = masks["clean"].float().mean().item()
     log(f"clean accuracy: {100 * clean_acc:.2f}% ({int(masks['clean'].sum())}/{n})")

@@ -1,12 +1,19 @@
-"""Models of the DYNAT paper: CIFAR ResNet-18 and WideResNet-D-K.
+"""Models of the DYNAT paper: CIFAR ResNet-18 and WideResNet-D-K, and their state_dicts.
 
 Both take [0, 1] pixels (no normalisation layer, as the paper's models) of any size
 (adaptive pooling) and any number of classes. `build_model(name, num_classes)` is the
-one entry point; `remap_state_dict` explains, key by key, how a checkpoint written by
-another codebase is mapped onto ours.
+one entry point; `load_state` loads a checkpoint strictly, after `remap_state_dict` has
+said, key by key, how one written by another codebase maps onto ours. Replicas of a model across
+torchrun's processes: `GlobalBatchNorm2d` (the global batch's BatchNorm, dynat.py --sync-bn),
+`average_replicas` (data parallelism by hand) and `check_replicas`.
 """
+import os
+import pickle
 import re
+import zipfile
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -170,3 +177,123 @@ def remap_state_dict(state_dict):
     if dropped:
         notes.append(f"dropped {dropped} unused TRADES 'sub_block1.*' keys")
     return out, notes
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with one-line errors: nothing in the file is ever executed."""
+    if not os.path.isfile(path):
+        hint = f": pass {os.path.join(path, 'last.pt')} (or best.pt)" if os.path.isdir(path) else ""
+        raise ValueError(f"{path}: {'a run directory' + hint if hint else 'no such checkpoint file'}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle
+        raise ValueError(f"{path}: not a checkpoint (torch.save writes a zip archive or a pickle; this file "
+                         f"starts with {head!r}): pass a last.pt / best.pt or a saved state_dict")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused: it holds objects that need arbitrary code to unpickle "
+                         "(only tensors and plain containers are loaded)")
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: truncated or corrupt checkpoint ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
+
+
+def load_state(model, state_dict):
+    """Load a state_dict strictly after remap_state_dict; returns its notes. A key or shape that does not
+    match the architecture raises ValueError with a one-line reason (never a silent partial load)."""
+    if not isinstance(state_dict, dict):
+        raise ValueError("not a state_dict")
+    state_dict, notes = remap_state_dict(state_dict)
+    own = model.state_dict()
+    missing, extra = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+    if missing or extra:
+        raise ValueError(f"keys do not match the architecture: {len(missing)} missing"
+                         f"{' (' + missing[0] + ', ...)' if missing else ''}, {len(extra)} unexpected"
+                         f"{' (' + extra[0] + ', ...)' if extra else ''}")
+    for k, v in own.items():
+        if not torch.is_tensor(state_dict[k]) or state_dict[k].shape != v.shape:
+            shape = tuple(state_dict[k].shape) if torch.is_tensor(state_dict[k]) else type(state_dict[k]).__name__
+            raise ValueError(f"{k} has shape {shape}, the architecture needs {tuple(v.shape)} "
+                             "(another architecture or class count?)")
+    model.load_state_dict(state_dict, strict=True)
+    return notes
+
+
+class AllReduceSum(torch.autograd.Function):
+    """A sum over the processes whose backward sums the gradients too (every process's loss depends on it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with the global batch's statistics under torch.distributed (gloo or NCCL), the moments
+    summed by an autograd-aware all-reduce so that the gradient is the one-process batch's. (torch's
+    SyncBatchNorm refuses CPU tensors, and on a GPU reads a count back to the host in every layer.)"""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        xf, c = x.float(), x.shape[1]
+        count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)  # a fill: no host copy
+        sums = AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        var = (sums[c:2 * c] / n - mean.pow(2)).clamp(min=0)  # E[x^2] - mean^2 can round below 0
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (xf - mean.view(1, c, 1, 1)) * scale.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+
+
+def average_replicas(models, world, buffers=True):
+    """Data parallelism by hand: the mean of the gradients (DDP's reducer) and, without --sync-bn, rank 0's
+    BatchNorm statistics everywhere (DDP's broadcast_buffers). Not DDP itself: AWP evaluates the target at
+    w + delta through functional_call and ISEAT differentiates through two weight sets in one graph, which
+    DDP's reducer hooks do not follow (the cost: no overlap of communication with the backward pass)."""
+    params = [p for m in models for p in m.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(chunk.view_as(p.grad))
+    if buffers:
+        floats = [b for m in models for b in m.buffers() if b.is_floating_point()]
+        flat = torch.cat([b.reshape(-1) for b in floats])
+        dist.broadcast(flat, 0)
+        for b, chunk in zip(floats, flat.split([b.numel() for b in floats])):
+            b.copy_(chunk.view_as(b))
+
+
+def check_replicas(models):
+    """Stop if any parameter or buffer differs bitwise from rank 0's (replicas drifting apart)."""
+    flat = torch.cat([t.detach().reshape(-1).double() for m in models for t in [*m.parameters(), *m.buffers()]])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    differs = torch.tensor([float(not torch.equal(flat, reference))], device=flat.device)
+    dist.all_reduce(differs)
+    if differs.item():
+        raise RuntimeError("model replicas differ across processes; data parallelism is broken")
+
+
+def synchronise_batchnorm(model):
+    """Every BatchNorm2d of `model` becomes a GlobalBatchNorm2d (same state_dict keys), in place."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            bn = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            bn.load_state_dict(child.state_dict())
+            setattr(model, name, bn)
+        else:
+            synchronise_batchnorm(child)
+    return model

@@ -14,10 +14,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench  # noqa: E402
-import dynat  # noqa: E402
-import models  # noqa: E402
+import bench
+import dynat
+import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 3
@@ -28,7 +27,7 @@ TOLERANCE = 0.01  # the first convolution's skipped input gradient is ~0.1 % of 
     (dict(inner=True, clean_bn=False), 2 * K + 3),
     (dict(inner=True), 2 * K + 3 + 1),
     (dict(), 2 * K + 3 + 1 + 1),
-    (dict(inner=True, awp_gamma=0.005), 2 * K + 3 + 1 + 3),
+    (dict(inner=True, awp=True), 2 * K + 3 + 1 + 3),
     (dict(inner=True, alpha=1.0), 2 * K + 3 + 3),
 ], ids=["inner-no-clean-bn", "inner", "kl-attack", "inner-awp", "inner-alpha"])
 def test_counted_flops_of_a_step_equal_the_pass_count(kw, target_passes):
@@ -40,7 +39,7 @@ def test_counted_flops_of_a_step_equal_the_pass_count(kw, target_passes):
     assert f_target > 0 and f_guide > 0
 
     def step():
-        loss, _ = dynat.dynat_loss(target, guide, x, y, epsilon=8 / 255, step_size=2 / 255, num_steps=K, **kw)
+        loss, _ = dynat.dynat_loss(target, guide, x, y, dynat.Config(num_steps=K, **kw))
         loss.backward()
     counted = bench.count_flops(step)
     expected = target_passes * f_target + 3 * f_guide

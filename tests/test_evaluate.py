@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import dynat  # noqa: E402
-import evaluate  # noqa: E402
-from models import build_model  # noqa: E402
+import dynat
+import evaluate
+from models import build_model
 
 EPS = "2/255"  # the fixture model: ~94 % clean, ~60 % under PGD-10 at this radius
 
@@ -67,8 +66,8 @@ def folder(tmp_path_factory):
                 r, c = divmod(k, 2)
                 img[4 * r:4 * r + 4, 4 * c:4 * c + 4] += 0.1
                 Image.fromarray((255 * img).round().byte().numpy()).save(root / split / f"c{k}" / f"{i}.png")
-    x_u8, y = dynat.load_data("imagefolder", str(root), 0)["test"]
-    x = dynat.to_input(x_u8, torch.device("cpu"))
+    x_u8, y = dynat.sibling("data").load_data("imagefolder", str(root), 0)["test"]
+    x = x_u8.float() / 255
     torch.manual_seed(0)
     model = build_model("wrn-10-1", 4).eval()
     # Fit only the last layer on the (fixed) features: a trained-ish model in a fraction of a second.

@@ -1,23 +1,22 @@
-"""The training loop of dynat.py, in process: host reads per step, the guide warm-up, the collapse
-warning, --resume's refusals, and the MNIST-format and CIFAR loaders (on files built here: no download)."""
+"""The training loop of dynat.py, in process: host reads per step, the guide warm-up, --target-clip, the
+collapse warning, --resume's refusals, and the MNIST-format and CIFAR loaders (on files built here: no download)."""
 import collections
 import contextlib
+import copy
 import gzip
 import json
 import os
 import signal
 import socket
 import struct
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dynat  # noqa: E402
-from test_scripts import make_imagefolder  # noqa: E402
+import dynat
+from test_scripts import make_imagefolder
 
 TINY = ["--target", "wrn-10-1", "--guide", "wrn-10-1", "--num-steps", "1", "--eval-pgd-n", "8", "--workers", "0",
         "--device", "cpu"]
@@ -35,10 +34,19 @@ def one_thread_and_signals():
         signal.signal(s, h)
 
 
-def trainer_for(argv):
-    args = dynat.get_parser().parse_args(argv)
-    dynat.validate_args(args)
-    return dynat.Trainer(args)
+def spy_steps(monkeypatch, after=None):
+    """Wrap dynat.train_step: record each call's arguments (and `after(call)` once the step is taken)."""
+    calls, real = [], dynat.train_step
+
+    def train_step(target, guide, optimizer, scaler, x, y, cfg, **kw):
+        call = dict(target=target, guide=guide, optimizer=optimizer, cfg=cfg, **kw)
+        calls.append(call)
+        values = real(target, guide, optimizer, scaler, x, y, cfg, **kw)
+        if after is not None:
+            after(call)
+        return values
+    monkeypatch.setattr(dynat, "train_step", train_step)
+    return calls
 
 
 # ----------------------------------------------------------------------------- host reads
@@ -47,83 +55,95 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int_
 
 
 @contextlib.contextmanager
-def counting_host_reads():
-    """Count the Tensor calls that copy device data to the host and wait for it on a GPU. (`.to()` a
-    CPU device counts only from another device: on this CPU-only machine the training device is the CPU.)"""
-    counts = collections.Counter()
+def counting_host_reads(monkeypatch):
+    """Count the Tensor calls that copy device data to the host (and wait for it on a GPU) from the first
+    training step on until the epoch's evaluation or replica check: the steps' reads, the loop's included.
+    (`.to()` a CPU device counts only from another device: on this machine the training device is the CPU.)"""
+    counts, active = collections.Counter(), [False]
     real = {name: getattr(torch.Tensor, name) for name in HOST_READS + ("to",)}
 
     def counted(name):
         def method(self, *a, **kw):
-            counts[name] += 1
+            counts[name] += active[0]
             return real[name](self, *a, **kw)
         return method
 
     def to(self, *a, **kw):
         dest = kw.get("device", a[0] if a and isinstance(a[0], (str, torch.device)) else None)
         if dest is not None and torch.device(dest).type == "cpu" and self.device.type != "cpu":
-            counts["to('cpu')"] += 1
+            counts["to('cpu')"] += active[0]
         return real["to"](self, *a, **kw)
+
+    def switch(fn, on):
+        def wrapped(*a, **kw):
+            active[0] = on
+            return fn(*a, **kw)
+        return wrapped
+    steps = spy_steps(monkeypatch)
+    monkeypatch.setattr(dynat, "train_step", switch(dynat.train_step, True))
+    monkeypatch.setattr(dynat, "evaluate_epoch", switch(dynat.evaluate_epoch, False))
+    ours = dynat.sibling("models")
+    monkeypatch.setattr(ours, "check_replicas", switch(ours.check_replicas, False))
     try:
         for name in HOST_READS:
             setattr(torch.Tensor, name, counted(name))
         torch.Tensor.to = to
-        yield counts
+        yield counts, steps
     finally:
         for name, method in real.items():
             setattr(torch.Tensor, name, method)
 
 
 def loop_argv(out):
-    # 5 steps of 32 on a class-balanced 160-image subset; AWP and MAIL on, as their paths run in the step
-    return ["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--awp", "--awp-warmup", "1",
-            "--reweight", "mail", "--reweight-start", "1", "--out-dir", str(out), *TINY]
+    # one epoch of 5 steps of 32 on a class-balanced 160-image subset; AWP and MAIL on, as their paths run in the step
+    return ["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "1", "--awp",
+            "--awp-warmup", "1", "--reweight", "mail", "--reweight-start", "1", "--out-dir", str(out), *TINY]
 
 
-def count_reads_in_an_epoch(argv):
-    trainer = trainer_for(argv)
-    sums = dynat.new_epoch_sums()
-    with dynat.GracefulStop() as stop, counting_host_reads() as counts:
-        assert dynat.train_epoch(trainer, 2, sums, stop) is None
-    return int(sums["step"]), dict(counts)
-
-
-def test_one_host_read_per_training_step(tmp_path):
-    steps, counts = count_reads_in_an_epoch(loop_argv(tmp_path / "run"))
-    assert steps == 5
-    assert sum(counts.values()) <= steps, counts
+def test_one_host_read_per_training_step(tmp_path, monkeypatch):
+    with counting_host_reads(monkeypatch) as (counts, steps):
+        assert dynat.main(loop_argv(tmp_path / "run")) == 0
+    assert len(steps) == 5 and steps[0]["cfg"].awp and steps[0]["cfg"].reweight == "mail"
+    assert sum(counts.values()) <= len(steps), counts
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: counts the syncs CUDA itself reports")
-def test_one_cuda_sync_per_training_step_on_a_gpu(tmp_path):
+def test_one_cuda_sync_per_training_step_on_a_gpu(tmp_path, monkeypatch):
     """On a GPU, torch's sync debug mode reports every host wait (copies, .item(), boolean indexing)."""
     import warnings
-    trainer = trainer_for(loop_argv(tmp_path / "run") + ["--device", "cuda"])
-    with dynat.GracefulStop() as stop:
-        dynat.train_epoch(trainer, 2, dynat.new_epoch_sums(), stop)  # cuDNN autotuning, allocator warm-up
-        sums = dynat.new_epoch_sums()
+    syncs, real = [], dynat.train_step
+
+    def train_step(*a, **kw):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                dynat.train_epoch(trainer, 3, sums, stop)
+                values = real(*a, **kw)
+                values.tolist()  # the loop's one read
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= sums["step"], syncs[:5]
+        syncs.append([str(w.message) for w in caught if "synchroniz" in str(w.message).lower()])
+        return values
+    monkeypatch.setattr(dynat, "train_step", train_step)
+    argv = loop_argv(tmp_path / "run")
+    argv[argv.index("cpu")] = "cuda"
+    assert dynat.main(argv + ["--epochs", "2"]) == 0
+    later = syncs[5:]  # the second epoch: cuDNN autotuning and the allocator have warmed up
+    assert all(len(s) <= 1 for s in later), later[:3]
 
 
 def _two_process_worker(rank, port, out, result_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    monkeypatch = pytest.MonkeyPatch()
     try:
-        steps, counts = count_reads_in_an_epoch(loop_argv(out) + ["--sync-bn"])
+        with counting_host_reads(monkeypatch) as (counts, steps):
+            assert dynat.main(loop_argv(out) + ["--sync-bn"]) == 0
         with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
-            json.dump({"steps": steps, "counts": counts}, f)
+            json.dump({"steps": len(steps), "counts": counts}, f)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        monkeypatch.undo()
 
 
 def test_at_most_two_host_reads_per_step_under_two_processes(tmp_path):
@@ -138,41 +158,39 @@ def test_at_most_two_host_reads_per_step_under_two_processes(tmp_path):
         assert sum(result["counts"].values()) <= result["steps"], (rank, result["counts"])
 
 
-# ----------------------------------------------------------------------------- guide warm-up
+# ----------------------------------------------------------------------------- guide warm-up and clipping
 
-def test_guide_warmup_trains_the_guide_alone_then_algorithm_1(tmp_path):
-    trainer = trainer_for(["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "3",
-                           "--guide-warmup", "1", "--out-dir", str(tmp_path / "run"), *TINY])
-    target_before = {k: v.clone() for k, v in trainer.target.state_dict().items()}
-    guide_before = {k: v.clone() for k, v in trainer.guide.state_dict().items()}
-    with dynat.GracefulStop() as stop:
-        warm = dynat.new_epoch_sums()
-        dynat.train_epoch(trainer, 1, warm, stop)
-        # the target is untouched: weights, BatchNorm statistics, no momentum; the guide learned
-        assert all(torch.equal(v, target_before[k]) for k, v in trainer.target.state_dict().items())
-        assert not any(p in trainer.optimizer.state for p in trainer.target.parameters())
-        assert not all(torch.equal(v, guide_before[k]) for k, v in trainer.guide.state_dict().items())
-        assert warm["loss_target"] == 0 and warm["loss_guide"] > 0 and warm["step"] == 5
-        after = dynat.new_epoch_sums()
-        dynat.train_epoch(trainer, 2, after, stop)  # Algorithm 1 from here on
-    assert not all(torch.equal(v, target_before[k]) for k, v in trainer.target.state_dict().items())
-    assert after["loss_target"] > 0
+def test_guide_warmup_trains_the_guide_alone_then_algorithm_1(tmp_path, monkeypatch):
+    """During --guide-warmup the target is untouched (weights, BatchNorm statistics, no momentum) while the
+    guide learns; then Algorithm 1 runs with the paper's switches counted after the warm-up."""
+    snapshots = []
+    calls = spy_steps(monkeypatch, after=lambda call: snapshots.append((
+        copy.deepcopy(call["target"].state_dict()), copy.deepcopy(call["guide"].state_dict()),
+        any(p in call["optimizer"].state for p in call["target"].parameters()))))
+    assert dynat.main(["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "3",
+                       "--guide-warmup", "1", "--awp", "--awp-warmup", "2", "--out-dir", str(tmp_path / "run"),
+                       *TINY]) == 0
+    guide_only = [c["guide_only"] for c in calls]
+    assert guide_only == [True] * 5 + [False] * 15  # epoch 1 is the guide's, then 3 epochs of Algorithm 1
+    torch.manual_seed(0)  # dynat.py's initial weights: --seed 0, target built first
+    initial = dynat.sibling("models").build_model("wrn-10-1", 10).state_dict()
+    for target_state, _, has_momentum in snapshots[:5]:
+        assert all(torch.equal(v, initial[k]) for k, v in target_state.items()) and not has_momentum
+    assert not all(torch.equal(v, snapshots[0][1][k]) for k, v in snapshots[4][1].items())  # the guide learned
+    assert not all(torch.equal(v, initial[k]) for k, v in snapshots[5][0].items())  # then the target does
+    assert [c["cfg"].awp for c in calls[5::5]] == [False, True, True]  # --awp-warmup 2: the paper's 2nd epoch
 
 
-def test_the_variants_switch_on_counted_after_the_guide_warmup(tmp_path, monkeypatch):
-    trainer = trainer_for(["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "3",
-                           "--guide-warmup", "1", "--awp", "--awp-warmup", "2", "--out-dir", str(tmp_path / "run"),
-                           "--dry-run", *TINY])
-    gammas, real = {}, dynat.dynat_loss
-
-    def dynat_loss(*a, **kw):  # record the AWP gamma each epoch's steps get
-        gammas[epoch] = kw["awp_gamma"]
-        return real(*a, **kw)
-    monkeypatch.setattr(dynat, "dynat_loss", dynat_loss)
-    with dynat.GracefulStop() as stop:
-        for epoch in (1, 2, 3, 4):
-            dynat.train_epoch(trainer, epoch, dynat.new_epoch_sums(), stop)
-    assert gammas == {2: 0.0, 3: 0.005, 4: 0.005}  # epoch 1 trains the guide alone; AWP from the paper's epoch 2
+def test_guide_warmup_epochs_come_before_the_papers_schedule(tmp_path):
+    """The warm-up adds epochs: the target still gets the whole schedule."""
+    out = tmp_path / "run"
+    assert dynat.main(["--dataset", "synthetic", "--epochs", "3", "--guide-warmup", "2", "--dry-run",
+                       "--batch-size", "16", "--out-dir", str(out), *TINY]) == 0
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["target_trained"] for r in rows] == [False, False, True, True, True]
+    assert [r["lr"] for r in rows] == pytest.approx([0.02, 0.1, 0.02, 0.1, 0.001])  # guide's warm start, paper's
 
 
 def test_guide_warmup_needs_a_guide(tmp_path, capsys):
@@ -181,40 +199,18 @@ def test_guide_warmup_needs_a_guide(tmp_path, capsys):
     assert rc == 2 and "--guide-warmup 1 needs a guide" in capsys.readouterr().err
 
 
-def test_guide_warmup_epochs_come_before_the_papers_schedule(tmp_path):
-    """The warm-up adds epochs: the target still gets the whole schedule, the switches count after it."""
-    out = tmp_path / "run"
-    assert dynat.main(["--dataset", "synthetic", "--epochs", "3", "--guide-warmup", "2", "--awp", "--awp-warmup", "2",
-                       "--dry-run", "--batch-size", "16", "--out-dir", str(out), *TINY]) == 0
-    with open(out / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
-    assert [r["target_trained"] for r in rows] == [False, False, True, True, True]
-    assert [r["lr"] for r in rows] == pytest.approx([0.02, 0.1, 0.02, 0.1, 0.001])  # guide's warm start, paper's
-    args = dynat.get_parser().parse_args(["--awp", "--awp-warmup", "2"])
-    assert dynat.loss_settings(args, 4 - 2)["awp_gamma"] > 0 and dynat.loss_settings(args, 3 - 2)["awp_gamma"] == 0
-
-
 def test_target_clip_clips_the_targets_gradient_in_its_first_epochs_only(tmp_path, monkeypatch):
-    trainer = trainer_for(["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "5",
-                           "--guide-warmup", "1", "--target-clip", "0.01", "--target-clip-epochs", "2",
-                           "--out-dir", str(tmp_path / "run"), "--dry-run", *TINY])
-    target_params = list(trainer.target.parameters())
-    seen = {}
-    real_step = trainer.optimizer.step
-
-    def step(*a, **kw):  # the gradients SGD is about to use
-        norm = lambda ps: torch.cat([p.grad.flatten() for p in ps if p.grad is not None] or [torch.zeros(1)]).norm()
-        seen[epoch] = (norm(target_params).item(), norm(trainer.guide.parameters()).item())
-        return real_step(*a, **kw)
-    monkeypatch.setattr(trainer.optimizer, "step", step)
-    with dynat.GracefulStop() as stop:
-        for epoch in range(1, 6):
-            dynat.train_epoch(trainer, epoch, dynat.new_epoch_sums(), stop)
-    assert seen[1][0] == 0  # guide warm-up: no target gradient
-    assert seen[2][0] <= 0.01 * 1.001 and seen[3][0] <= 0.01 * 1.001  # the target's first two epochs: clipped
-    assert seen[4][0] > 0.05 and seen[5][0] > 0.05  # then free
-    assert all(guide > 0.05 for _, guide in seen.values())  # the guide is never clipped
+    norms = []
+    norm = lambda ps: torch.cat([p.grad.flatten() for p in ps if p.grad is not None] or [torch.zeros(1)]).norm()
+    spy_steps(monkeypatch, after=lambda call: norms.append(
+        (norm(call["target"].parameters()).item(), norm(call["guide"].parameters()).item())))  # what SGD used
+    assert dynat.main(["--dataset", "synthetic", "--batch-size", "32", "--epochs", "5", "--guide-warmup", "1",
+                       "--target-clip", "0.01", "--target-clip-epochs", "2", "--dry-run",
+                       "--out-dir", str(tmp_path / "run"), *TINY]) == 0
+    assert norms[0][0] == 0  # guide warm-up: no target gradient
+    assert norms[1][0] <= 0.01 * 1.001 and norms[2][0] <= 0.01 * 1.001  # the target's first two epochs: clipped
+    assert norms[3][0] > 0.05 and norms[4][0] > 0.05  # then free
+    assert all(guide > 0.05 for _, guide in norms)  # the guide is never clipped
 
 
 # ----------------------------------------------------------------------------- collapse detection
@@ -230,8 +226,9 @@ class ChannelGuide(nn.Module):
         return self.scale * x.mean((2, 3))
 
 
-def run_with_guide(tmp_path, monkeypatch, capsys, dead_target):
-    real = dynat.build_model
+def run_with_guide(tmp_path, monkeypatch, capsys, dead_target, extra=()):
+    ours = dynat.sibling("models")
+    real = ours.build_model
 
     def build(name, classes):
         if name == "resnet18":  # the guide below
@@ -242,12 +239,12 @@ def run_with_guide(tmp_path, monkeypatch, capsys, dead_target):
                 model.bn1.weight.zero_()
                 model.bn1.bias.fill_(-1000.0)
         return model
-    monkeypatch.setattr(dynat, "build_model", build)
+    monkeypatch.setattr(ours, "build_model", build)
     folder = make_imagefolder(tmp_path / "data", classes=3, train_per_class=32, test_per_class=16)
     out = tmp_path / "run"
     rc = dynat.main(["--dataset", "imagefolder", "--data-dir", folder, "--target", "wrn-10-1", "--guide", "resnet18",
                      "--batch-size", "16", "--epochs", "4", "--num-steps", "2", "--lr", "0.05", "--eval-pgd-n", "16",
-                     "--workers", "0", "--device", "cpu", "--out-dir", str(out)])
+                     "--workers", "0", "--device", "cpu", "--out-dir", str(out), *extra])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     with open(out / "metrics.jsonl") as f:
@@ -260,6 +257,14 @@ def test_a_dead_target_is_warned_about_once(tmp_path, monkeypatch, capsys):
     assert all(r["guide_pred_classes"] == 3 and r["dynamic_label_acc"] > 0.9 for r in rows)
     assert err.count("warning:") == 1 and "is dead" in err and "--guide-warmup 14" in err  # 6 steps per epoch
     assert [bool(r["warning"]) for r in rows] == [False, True, False, False]  # its second epoch, once
+
+
+@pytest.mark.parametrize("extra,warned_at", [(("--guide-warmup", "1"), 3),
+                                             (("--target-clip", "0.5", "--target-clip-epochs", "2"), 4)])
+def test_the_warning_waits_for_the_warm_up_and_the_clipped_epochs(tmp_path, monkeypatch, capsys, extra, warned_at):
+    """The target is judged from its second unhindered epoch: a clipped target is slow on purpose."""
+    rows, err = run_with_guide(tmp_path, monkeypatch, capsys, dead_target=True, extra=extra)
+    assert [r["epoch"] for r in rows if r["warning"]] == [warned_at] and err.count("warning:") == 1
 
 
 def test_a_healthy_target_gets_no_warning(tmp_path, monkeypatch, capsys):
@@ -284,9 +289,8 @@ def test_resume_refuses_flags_that_would_change_the_run(tmp_path, capsys):
     assert dynat.main(["--resume", str(out)]) == 0
     assert "already finished its 1 epoch: nothing to do" in capsys.readouterr().out
     # what a resume may change is taken from the command line; the rest from the run
-    args = dynat.get_parser().parse_args(["--resume", str(out), "--eval-every", "3", "--data-dir", "/elsewhere"])
-    resumed, _ = dynat.resolve_resume(args, dynat.given_flags(["--resume", str(out), "--eval-every", "3",
-                                                               "--data-dir", "/elsewhere"]))
+    argv = ["--resume", str(out), "--eval-every", "3", "--data-dir", "/elsewhere"]
+    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), argv)
     assert resumed.eval_every == 3 and resumed.data_dir == "/elsewhere" and resumed.dataset == "synthetic"
     assert resumed.batch_size == 16 and resumed.epochs == 1
 
@@ -300,11 +304,22 @@ def test_a_resume_keeps_the_runs_device_and_precision_unless_told(tmp_path):
     with open(out / "args.json") as f:
         assert json.load(f)["amp"] == "none"  # auto, on a CPU
     argv = ["--resume", str(out)]
-    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), dynat.given_flags(argv))
+    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), argv)
     assert (resumed.device, resumed.workers, resumed.amp) == ("cpu", 0, "none")
     argv += ["--device", "cuda", "--workers", "3"]
-    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), dynat.given_flags(argv))
+    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), argv)
     assert (resumed.device, resumed.workers, resumed.amp) == ("cuda", 3, "none")
+
+
+def test_a_short_schedule_and_fp16_on_a_cpu_are_said_at_start_up(tmp_path, capsys):
+    """--epochs 2 never reaches the full lr (0.2x, then x0.01): said in one line; fp16 on a CPU, likewise."""
+    assert dynat.main(["--dataset", "synthetic", "--epochs", "2", "--dry-run", "--batch-size", "16", "--amp", "fp16",
+                       "--out-dir", str(tmp_path / "a"), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "never trains at the full --lr" in out and "--amp fp16 has no fast kernels on a CPU" in out
+    assert dynat.main(["--dataset", "synthetic", "--epochs", "4", "--dry-run", "--batch-size", "16",
+                       "--out-dir", str(tmp_path / "b"), *TINY]) == 0
+    assert "note:" not in capsys.readouterr().out  # 4 epochs: epochs 2 and 3 at the full lr
 
 
 # ----------------------------------------------------------------------------- data
@@ -324,7 +339,7 @@ def test_mnist_format_files_train_one_step(tmp_path, dataset, folder):
     for split, n in (("train", 40), ("t10k", 20)):
         write_idx(raw / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    data = dynat.load_data(dataset, str(tmp_path))
+    data = dynat.sibling("data").load_data(dataset, str(tmp_path))
     x, y = data["train"]
     assert x.shape == (40, 3, 28, 28) and x.dtype == torch.uint8 and data["classes"] == 10
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # grey as 3 channels
@@ -333,31 +348,32 @@ def test_mnist_format_files_train_one_step(tmp_path, dataset, folder):
                        "--batch-size", "8", "--out-dir", str(tmp_path / "run"), *TINY]) == 0
 
 
-def test_missing_mnist_files_say_what_to_put_where(tmp_path, monkeypatch):
+def test_missing_mnist_files_say_what_to_put_where(tmp_path, monkeypatch, capsys):
     import torchvision
 
     def offline(self):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:")
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
-    with pytest.raises(dynat.UsageError) as e:
-        dynat.load_data("fashion-mnist", str(tmp_path))
-    message = str(e.value)
+    assert dynat.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"),
+                       *TINY]) == 2
+    message = capsys.readouterr().err.strip()
     assert f"{tmp_path}/FashionMNIST/raw/" in message and "train-images-idx3-ubyte.gz" in message
     assert "/usr/share/datasets/fashion-mnist" in message and "\n" not in message
 
 
 def test_corrupt_cifar_archive_is_named_as_corrupt(tmp_path, monkeypatch):
     import torchvision
+    data = dynat.sibling("data")
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"half a download")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", lambda self: pytest.fail("must not download"))
-    with pytest.raises(dynat.UsageError) as e:
-        dynat.load_data("cifar10", str(tmp_path))
+    with pytest.raises(ValueError) as e:
+        data.load_data("cifar10", str(tmp_path))
     assert "is there but fails its MD5 checksum" in str(e.value) and "delete it" in str(e.value)
     # a half-extracted folder (and no archive): named as incomplete, not as missing
     (tmp_path / "cifar-10-python.tar.gz").unlink()
     (tmp_path / "cifar-10-batches-py").mkdir()
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"truncated")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", lambda self: (_ for _ in ()).throw(RuntimeError("offline")))
-    with pytest.raises(dynat.UsageError) as e:
-        dynat.load_data("cifar10", str(tmp_path))
+    with pytest.raises(ValueError) as e:
+        data.load_data("cifar10", str(tmp_path))
     assert "cifar-10-batches-py is incomplete or corrupt" in str(e.value)

@@ -1,6 +1,6 @@
-"""Every command of README's "Reproducing the paper" runs for one tiny step, so none can rot.
+"""Every command of docs/reproducing.md runs for one tiny step, so none can rot.
 
-The commands are read from the README itself; each keeps all of its own flags, and a few
+The commands are read from the page itself; each keeps all of its own flags, and a few
 appended flags shrink it (synthetic data, tiny models, one batch, the variant switched on from
 epoch 1). argparse lets the last occurrence of a flag win, so the row's variant flags stay.
 """
@@ -22,9 +22,8 @@ SHRINK = ["--dataset", "synthetic", "--target", "wrn-10-1", "--guide", "wrn-10-1
 def table_rows():
     """(row, train command, evaluate command) for every table row with commands, plus a
     (row + " [release]", release-equivalent command, evaluate command) where a row has one."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    section = text.split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
+    with open(os.path.join(ROOT, "docs", "reproducing.md")) as f:
+        section = f.read()
     rows = []
     for line in section.splitlines():
         if not line.startswith("| "):

@@ -15,8 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
+import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--target", "wrn-10-1", "--guide", "wrn-10-1", "--batch-size", "16", "--num-steps", "2",
@@ -40,6 +39,16 @@ def make_imagefolder(root, classes=3, train_per_class=16, test_per_class=8, size
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+def main_in_process(argv, capsys):
+    """dynat.main(argv) here (no interpreter start-up), as (exit code, stderr); argparse's exit is caught."""
+    import dynat
+    try:
+        rc = dynat.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
 
 
 def run_script(args, script="dynat.py", timeout=300, **kw):
@@ -123,12 +132,24 @@ VARIANTS = ("--awp", "--awp-warmup", "1", "--reweight", "mail", "--reweight-star
 WARMUP = ("--guide-warmup", "1", "--inner")  # stopped right after the guide's warm-up epoch
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory):
+    """The uninterrupted run of each variant, trained once for the tests that interrupt it."""
+    runs = {}
+
+    def run(extra):
+        if extra not in runs:
+            runs[extra] = tmp_path_factory.mktemp("full")
+            assert run_script(train_args(folder, runs[extra], *extra)).returncode == 0
+        return runs[extra]
+    return run
+
+
 @pytest.mark.parametrize("sig,variant", [(signal.SIGKILL, VARIANTS), (signal.SIGTERM, VARIANTS),
                                          (signal.SIGTERM, WARMUP)], ids=["sigkill", "sigterm", "sigterm-guide-warmup"])
-def test_interrupted_run_resumes_bit_for_bit(folder, tmp_path, sig, variant):
+def test_interrupted_run_resumes_bit_for_bit(folder, tmp_path, uninterrupted, sig, variant):
     extra = ("--epochs", "3", "--deterministic", *variant)
-    full = tmp_path / "full"
-    assert run_script(train_args(folder, full, *extra)).returncode == 0
+    full = uninterrupted(extra)
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "dynat.py", *train_args(folder, cut, *extra)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -153,13 +174,13 @@ def test_interrupted_run_resumes_bit_for_bit(folder, tmp_path, sig, variant):
     assert_same_weights(full / "last.pt", cut / "last.pt")
 
 
-def test_non_empty_out_dir_is_refused_and_labels_true_has_no_guide(folder, tmp_path):
+def test_non_empty_out_dir_is_refused_and_labels_true_has_no_guide(folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_script(train_args(folder, out, "--epochs", "1", "--labels", "true", "--dry-run")).returncode == 0
+    assert main_in_process(train_args(folder, out, "--epochs", "1", "--labels", "true", "--dry-run"), capsys)[0] == 0
     assert torch.load(out / "last.pt", weights_only=True)["guide"] is None
-    r = run_script(train_args(folder, out, "--epochs", "1"))
-    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
-    assert run_script(train_args(folder, out, "--epochs", "1", "--dry-run", "--overwrite")).returncode == 0
+    rc, err = main_in_process(train_args(folder, out, "--epochs", "1"), capsys)
+    assert rc == 2 and "not empty" in err
+    assert main_in_process(train_args(folder, out, "--epochs", "1", "--dry-run", "--overwrite"), capsys)[0] == 0
 
 
 def test_non_finite_loss_stops_with_a_message(folder, tmp_path):
@@ -197,14 +218,19 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS) + ["empty imagefolder", "mismatched classes"])
-def test_bad_input_gives_one_line_and_exit_2(folder, tmp_path, name):
+def test_bad_input_gives_one_line_and_exit_2(folder, tmp_path, name, capsys):
+    """In process (an uncaught exception would fail the test as a traceback would); one in a subprocess below."""
     empty, mismatched = bad_folders(tmp_path)
     data_dir = {"empty imagefolder": empty, "mismatched classes": mismatched}.get(name, folder)
-    args = train_args(data_dir, tmp_path / "out", "--epochs", "1", *BAD_INPUTS.get(name, []))
-    r = run_script(args)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(("dynat.py: error:", "usage:")), r.stderr
+    rc, err = main_in_process(train_args(data_dir, tmp_path / "out", "--epochs", "1", *BAD_INPUTS.get(name, [])), capsys)
+    assert rc == 2, err
+    assert ": error: " in err.strip().splitlines()[-1], err  # ours alone, or argparse's usage and then its error
+
+
+def test_bad_input_in_the_real_script_prints_one_line_and_no_traceback(folder, tmp_path):
+    r = run_script(train_args(folder, tmp_path / "out", "--epochs", "1", "--target", "vgg16"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("dynat.py: error: --target")
 
 
 class Exploit:
@@ -217,9 +243,9 @@ class Exploit:
         return (open, (self.path, "w"))
 
 
-def test_checkpoint_that_needs_code_is_refused_and_never_run(folder, tmp_path):
+def test_checkpoint_that_needs_code_is_refused_and_never_run(folder, tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_script(train_args(folder, run, "--epochs", "1", "--dry-run")).returncode == 0
+    assert main_in_process(train_args(folder, run, "--epochs", "1", "--dry-run"), capsys)[0] == 0
     ckpt = torch.load(run / "last.pt", weights_only=True)
     marker = tmp_path / "pwned"
     ckpt["args"]["note"] = Exploit(str(marker))
@@ -229,14 +255,13 @@ def test_checkpoint_that_needs_code_is_refused_and_never_run(folder, tmp_path):
     assert not marker.exists()
 
 
-def test_truncated_checkpoint_is_refused(folder, tmp_path):
+def test_truncated_checkpoint_is_refused(folder, tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_script(train_args(folder, run, "--epochs", "1", "--dry-run")).returncode == 0
+    assert main_in_process(train_args(folder, run, "--epochs", "1", "--dry-run"), capsys)[0] == 0
     data = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(data[: len(data) // 2])
-    r = run_script(["--resume", str(run)])
-    assert r.returncode == 2 and "truncated or corrupt" in r.stderr and "Traceback" not in r.stderr
-    assert str(run / "last.pt") in r.stderr
+    rc, err = main_in_process(["--resume", str(run)], capsys)
+    assert rc == 2 and "truncated or corrupt" in err and str(run / "last.pt") in err
 
 
 def torchrun(args, nproc=2):
@@ -265,28 +290,16 @@ def test_two_processes_keep_replicas_identical_and_resume(folder, tmp_path):
     assert_same_weights(full / "last.pt", cut / "last.pt")
 
 
-def test_two_processes_match_one_process_on_the_first_step(folder, tmp_path):
-    # Same global batch, BatchNorm synchronised; a 1e-9 ball makes the per-process attack
-    # starts irrelevant, so the first step's losses must agree to float tolerance.
-    extra = ("--epochs", "1", "--dry-run", "--sync-bn", "--epsilon", "1e-9", "--inner")
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run_script(train_args(folder, one, *extra)).returncode == 0
-    r = torchrun(train_args(folder, two, *extra))
-    assert r.returncode == 0, r.stderr[-3000:]
-    m1, m2 = metrics(one)[0], metrics(two)[0]
-    for key in ("loss_guide", "loss_target", "dynamic_label_acc"):
-        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
-
-
 def test_two_processes_give_the_weights_of_one_process(folder, tmp_path):
     """Data parallelism checked by its result: after a guide warm-up epoch and a DYNAT epoch (6 steps),
     the weights of a 2-process run equal those of a 1-process run. 41 training images in batches of
     16: the last batch of 9 splits 5 / 4, so the unequal-share weighting is exercised; BatchNorm
     synchronised, and a 1e-9 ball makes the per-process attack starts irrelevant.
 
-    Tolerance, measured on this setup: float rounding alone (1 process on 1 vs 2 threads) moves the
-    weights by 1e-5 (target) and 2e-4 (guide) of their update ||w - w_init||; dropping the unequal-share
-    weighting moves them by 1.9e-2 and 2.7e-2, dropping the division by the number of processes by ~0.9."""
+    Tolerance, measured on this setup (its update ||w - w_init||): float rounding alone (1 process on 1 vs 2
+    threads) moves the target by 1e-5 on both CPUs measured and the guide by 2e-4 (Intel Xeon with AMX) or 2.8e-3
+    (AMD EPYC Zen 3, AVX2); dropping the unequal-share weighting moves them by 1.9e-2 and 2.8e-2, dropping the
+    division by the number of processes by ~0.9 (both CPUs). Hence 2e-3 for the target, 9e-3 for the guide."""
     extra = ("--epochs", "1", "--val-size", "7", "--guide-warmup", "1", "--sync-bn", "--epsilon", "1e-9", "--inner",
              "--deterministic", "--eval-pgd-n", "7", "--lr", "0.01")
     one, two = tmp_path / "one", tmp_path / "two"
@@ -302,4 +315,5 @@ def test_two_processes_give_the_weights_of_one_process(folder, tmp_path):
         keys = [k for k in w1 if k.startswith(name) and w1[k].is_floating_point() and "running_" not in k]
         update = torch.cat([(w1[k] - init[k]).flatten() for k in keys]).norm()
         apart = torch.cat([(w2[k] - w1[k]).flatten() for k in keys]).norm()
-        assert apart < 2e-3 * update, f"{name}: the 2-process weights are {apart / update:.1e} of the update away"
+        tolerance = {"target": 2e-3, "guide": 9e-3}[name]
+        assert apart < tolerance * update, f"{name}: the 2-process weights are {apart / update:.1e} of the update away"
