@@ -52,6 +52,16 @@ def fraction(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
 
 
+def numbers(kind):
+    """argparse type of a comma list of `kind` ('76,91' or '0.1,0.01'), as a tuple."""
+    def parse(text):
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {kind.__name__} values")
+    return parse
+
+
 def fmt_fraction(v):
     """8/255 when v is a whole number of grey levels (how the paper writes it), else the decimal."""
     k = round(v * 255)
@@ -73,7 +83,11 @@ def get_parser():
     # optimisation (Sec. 4.1)
     a("--epochs", type=int, default=100, help="epochs of Algorithm 1")
     a("--batch-size", type=int, default=128, help="global batch size m (split across processes)")
-    a("--lr", type=float, default=0.1, help="learning rate (0.2x in epoch 1, x0.1 after 75%%, x0.01 after 90%%)")
+    a("--lr", type=float, default=0.1, help="learning rate")
+    a("--lr-milestones", type=numbers(int), default=None, metavar="E,E",
+      help="epochs from which the --lr-factors apply (default: after 75%% and 90%% of --epochs, the release's)")
+    a("--lr-factors", type=numbers(float), default=None, metavar="F,F", help="lr factor from each milestone (0.1,0.01)")
+    a("--lr-warm-start", type=float, default=0.2, help="lr factor of the first epoch (1: none)")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
     a("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
     # the algorithm (Config)
@@ -81,6 +95,12 @@ def get_parser():
     a("--step-size", type=fraction, default=fmt_fraction(c.step_size), help="PGD step size")
     a("--num-steps", type=int, default=c.num_steps, help="PGD steps K of the training attack")
     a("--inner", action="store_true", help="inner maximisation CE(f_t(x'), y_dyn) (Eq. 7) instead of the KL attack")
+    a("--inner-label", default=c.inner_label, choices=["train", "true"], help="--inner's label: y_dyn (train) or y")
+    a("--start", default=c.start, choices=["normal", "uniform"], help="attack start: x + 0.001 N(0, I), or U(ball)")
+    a("--fat-tau", type=numbers(int), default=(), metavar="TAU,TAU", help="FAT's early-stop tau per --fat-tau-milestones")
+    a("--fat-tau-milestones", type=numbers(int), default=(), metavar="E,E", help="epochs from which the next tau applies")
+    a("--fat-omega", type=float, default=c.fat_omega, help="FAT's noise on each attack step")
+    a("--loss", default=c.loss, choices=["ce", "trades", "mart"], help="target loss: CE(f_t(x')) (Eq. 5), TRADES, MART")
     a("--alpha", type=float, default=c.alpha, help="TRADES weight alpha of KL(p(f_t(x)) || p(f_t(x')))")
     a("--beta", type=float, default=c.beta, help="beta of Eq. 6, weight of the target loss L_t")
     a("--labels", default=c.labels, choices=["dynamic", "true", "lbgat"], help="dynamic (Eq. 3), true (y), lbgat")
@@ -95,6 +115,9 @@ def get_parser():
     a("--mail-bias", type=float, default=c.mail_bias, help="MAIL bias")
     a("--mail-slope", type=float, default=c.mail_slope, help="MAIL slope")
     a("--iseat", type=float, default=c.iseat, metavar="LAMBDA", help="ISEAT lambda (0: off)")
+    a("--sat", action="store_true", help="SAT's soft targets for --loss trades's clean CE (self-adaptive training)")
+    a("--sat-momentum", type=float, default=c.sat_momentum, help="SAT's momentum of the soft targets")
+    a("--sat-start", type=int, default=70, help="first epoch of --sat")
     # start-up (not in the paper: docs/training-dynamics.md)
     a("--guide-warmup", type=int, default=0, metavar="EPOCHS", help="guide-only epochs first (0: the paper)")
     a("--target-clip", type=float, default=0.0, metavar="NORM", help="clip the target's gradient norm (0: the paper)")
@@ -133,14 +156,31 @@ def validate_args(args):
     require(args, ("epochs", "batch_size", "eval_every", "eval_pgd_n"), lambda v: v >= 1, ">= 1")
     require(args, ("num_steps", "val_size", "workers", "awp_warmup", "train_size", "guide_warmup",
                    "target_clip_epochs"), lambda v: v >= 0, ">= 0")
-    require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat", "target_clip"),
+    require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat", "target_clip", "fat_omega"),
             lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+    require(args, ("lr_warm_start",), lambda v: 0 < v and math.isfinite(v), "a finite number > 0")
+    require(args, ("sat_momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
+    for steps, values in (("lr_milestones", "lr_factors"), ("fat_tau_milestones", "fat_tau")):
+        e, v = getattr(args, steps) or (), getattr(args, values) or ()
+        extra = values == "fat_tau" and bool(v)  # taus: one before the first milestone, then one per milestone
+        if len(v) != len(e) + extra or list(e) != sorted(set(e)) or any(m < 1 for m in e) or any(f < 0 for f in v):
+            raise UsageError(f"--{steps.replace('_', '-')} {e} and --{values.replace('_', '-')} {v}: need increasing "
+                             f"epochs >= 1 and {'one more' if extra else 'as many'} values >= 0")
+    if args.loss != "ce" and (args.labels == "lbgat" or args.reweight != "none" or args.iseat > 0):
+        raise UsageError(f"--loss {args.loss} is the target's own loss: it does not combine with --labels lbgat, "
+                         "--reweight or --iseat")
+    if args.sat and (args.loss != "trades" or args.labels != "true" or args.awp):
+        raise UsageError("--sat is SAT's adversarial setting: it needs --loss trades --labels true, without --awp")
+    if args.inner_label == "true" and not args.inner:
+        raise UsageError("--inner-label true sets the label of --inner's CE attack: pass --inner")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.guide_warmup and args.labels == "true":
         raise UsageError(f"--guide-warmup {args.guide_warmup} needs a guide: --labels true trains none")
     if args.awp and args.awp_warmup > args.epochs:
         raise UsageError(f"--awp-warmup {args.awp_warmup} is beyond --epochs {args.epochs}: AWP would never switch on")
+    if args.sat and args.sat_start > args.epochs:
+        raise UsageError(f"--sat-start {args.sat_start} is beyond --epochs {args.epochs}: SAT would never switch on")
     if (args.reweight != "none" or args.iseat > 0) and args.reweight_start > args.epochs:
         raise UsageError(f"--reweight-start {args.reweight_start} is beyond --epochs {args.epochs}: "
                          "the reweighting would never switch on")
@@ -168,10 +208,15 @@ class Config:
     step_size: float = 2 / 255  # of the signed PGD step
     num_steps: int = 10  # K
     inner: bool = False  # attack CE(f_t(x'), y_dyn) (Eq. 7); False: KL(p(f_t(x)) || p(f_t(x'))) (TRADES/LBGAT)
+    inner_label: str = "train"  # the CE attack's label: "train", the label the target learns; "true": y
+    start: str = "normal"  # x + 0.001 N(0, I) (TRADES/LBGAT/DYNAT/MART) or "uniform" in the ball (PGD-AT/AWP/GAIRAT/FAT)
+    fat_tau: int = -1  # FAT's early-stopped PGD: a point stops at its (tau + 1)-th misclassified iterate (-1: off)
+    fat_omega: float = 0.001  # FAT's noise omega N(0, I) added to each of its steps
     # outer minimisation (Eq. 5-6)
+    loss: str = "ce"  # "ce": CE(f_t(x'), label) (Eq. 5, PGD-AT); "trades": CE(f_t(x), label); "mart": MART's
     labels: str = "dynamic"  # "dynamic": y_dyn (DYNAT); "true": y, no guide (PGD-AT); "lbgat": MSE to f_g(x)
     beta: float = 1.0  # weight of L_t (Eq. 6)
-    alpha: float = 0.0  # TRADES weight of KL(p(f_t(x)) || p(f_t(x'))) in the target's loss
+    alpha: float = 0.0  # TRADES weight of KL(p(f_t(x)) || p(f_t(x'))) in the target's loss (TRADES's, MART's beta)
     label_smoothing: float = 0.0  # of the target's CE
     clean_bn: bool = True  # a no-grad train-mode f_t(x) after f_t(x'): the release's BatchNorm statistics
     # variants
@@ -182,6 +227,7 @@ class Config:
     mail_bias: float = -0.5  # MAIL-AT's sigmoid (its release's README command)
     mail_slope: float = 10.0
     iseat: float = 0.0  # ISEAT's lambda (0: off)
+    sat_momentum: float = 0.9  # SAT: soft targets <- m soft + (1 - m) p(f_t(x)), when dynat_loss gets soft_labels
 
 
 def no_fp16(device):
@@ -204,13 +250,15 @@ def margin_loss(logits, y):
     return logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1) - z_y
 
 
-def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="normal"):
+def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="normal", fat_tau=-1, fat_omega=0.0):
     """The one attack, of training and evaluation: K signed-gradient ascent steps in the L-inf ball, on
     loss "ce" CE(f(x'), y) (PGD-AT; Eq. 7 with y = y_dyn), "kl" KL(p(f(x)) || p(f(x'))) (TRADES/LBGAT) or
     "cw" (margin), from start "normal" x + 0.001 N(0, I) (TRADES/LBGAT/DYNAT) or "uniform" in the ball,
     projected like every iterate (eps = 0 or K = 0 give valid images). The model runs in eval mode, its
     parameters frozen; both restored. Returns (x_adv, kappa): kappa[i] counts the iterates, checked before
-    each update, classified as y[i] (GAIRAT's geometry value; robust in an evaluation only if kappa = K)."""
+    each update, classified as y[i] (GAIRAT's geometry value; robust in an evaluation only if kappa = K).
+    fat_tau >= 0: FAT's early-stopped PGD, a point stays at its (tau + 1)-th misclassified iterate, and every
+    step adds fat_omega N(0, I)."""
     was_training, frozen = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)
     project = lambda z: torch.min(torch.max(z, x - epsilon), x + epsilon).clamp(0, 1)
@@ -222,15 +270,22 @@ def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="nor
             uniform = start == "uniform"
             noise = torch.empty_like(x).uniform_(-epsilon, epsilon) if uniform else 0.001 * torch.randn_like(x)
             x_adv, kappa = project(x + noise), torch.zeros(len(x), dtype=torch.long, device=x.device)
+            active, budget = torch.ones_like(y, dtype=torch.bool), torch.full_like(y, fat_tau)
             for _ in range(num_steps):
                 x_adv.requires_grad_(True)
                 logits = f32(model(x_adv))
-                kappa += (logits.argmax(1) == y).long()
+                correct = logits.argmax(1) == y
+                kappa += correct.long()
+                if fat_tau >= 0:  # FAT: wrong with no budget left, stop at this iterate; wrong with some, spend one
+                    active, budget = active & (correct | (budget > 0)), budget - (active & ~correct).long()
                 objective = {"ce": lambda: F.cross_entropy(logits, y, reduction="sum"),
                              "kl": lambda: F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum"),
                              "cw": lambda: margin_loss(logits, y).sum()}[loss]()
                 grad, = torch.autograd.grad(objective, x_adv)
-                x_adv = project(x_adv.detach() + step_size * grad.sign())
+                step = step_size * grad.sign()
+                if fat_tau >= 0:  # FAT's noise on every step; a point that stopped stays (project(z) is z)
+                    step = torch.where(active[:, None, None, None], step + fat_omega * torch.randn_like(x), 0.0)
+                x_adv = project(x_adv.detach() + step)
         return x_adv.detach(), kappa
     finally:
         model.train(was_training)
@@ -238,10 +293,11 @@ def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="nor
             p.requires_grad_(r)
 
 
-def dynat_loss(target, guide, x, y, cfg=Config()):
+def dynat_loss(target, guide, x, y, cfg=Config(), soft_labels=None):
     """Algorithm 1 on one batch: (loss, stats), loss = L_g + beta L_t [+ variants] (Eq. 6); x float B x 3 x H x W
     in [0, 1], y int64 B, both models in train mode (guide None with labels "true"). stats, detached: loss_guide
-    (L_g), loss_target (beta L_t + alpha KL), loss_iseat, dyn_correct (y_dyn == y).
+    (L_g), loss_target (beta L_t + alpha KL), loss_iseat, dyn_correct (y_dyn == y); with SAT's soft_labels (B x C,
+    the batch's rows) also their update, stats["soft_labels"], for the caller to keep.
     No hidden side effects: nothing is zeroed or stepped, the modes are kept, the target's weights never
     written (AWP runs w + delta functionally); only BatchNorm statistics move, as in any train-mode forward:
     the guide's on x, the target's on x' then x (clean_bn). Under torch.distributed AWP's weight gradient
@@ -257,21 +313,35 @@ def dynat_loss(target, guide, x, y, cfg=Config()):
         stats["dyn_correct"] = (y_train == y).sum()
 
     # Eq. 7 (--inner) or the TRADES/LBGAT KL attack, on the frozen target
-    x_adv, kappa = perturb(target, x, y_train, epsilon=cfg.epsilon, step_size=cfg.step_size,
-                           num_steps=cfg.num_steps, loss="ce" if cfg.inner else "kl")
+    x_adv, kappa = perturb(target, x, y if cfg.inner_label == "true" else y_train, epsilon=cfg.epsilon,
+                           step_size=cfg.step_size, num_steps=cfg.num_steps, loss="ce" if cfg.inner else "kl",
+                           start=cfg.start, fat_tau=cfg.fat_tau, fat_omega=cfg.fat_omega)
 
     def target_loss(delta, logits_guide, clean_bn):
         params = {n: p + delta[n] for n, p in target.named_parameters() if n in delta}
         forward = (lambda inp: functional_call(target, params, (inp,))) if params else target
+        logits_nat = f32(forward(x)) if cfg.loss != "ce" else None  # TRADES, MART: f_t(x) first, as their releases
         logits_adv = f32(forward(x_adv))
-        logits_nat = f32(forward(x)) if cfg.alpha > 0 else None
-        if clean_bn and cfg.alpha == 0:  # the release's train-mode f_t(x) after f_t(x'), for its statistics only
+        if logits_nat is None and cfg.alpha > 0:
+            logits_nat = f32(forward(x))
+        if clean_bn and (cfg.loss != "ce" or cfg.alpha == 0):  # the release's train-mode f_t(x) after f_t(x')
             with torch.no_grad():
                 forward(x)
         if cfg.labels == "lbgat":  # LBGAT: the target's logits regress the guide's (gradient into the guide)
             per_example = F.mse_loss(logits_adv, logits_guide, reduction="none").mean(1)
-        else:  # Eq. 5
-            per_example = F.cross_entropy(logits_adv, y_train, reduction="none", label_smoothing=cfg.label_smoothing)
+        elif cfg.loss == "mart":  # MART: BCE on f_t(x'), with its release's epsilons
+            p_adv = F.softmax(logits_adv, dim=1)
+            top2 = p_adv.argsort(dim=1)[:, -2:]
+            y_other = torch.where(top2[:, -1] == y_train, top2[:, -2], top2[:, -1])  # the likeliest wrong class
+            per_example = (F.cross_entropy(logits_adv, y_train, reduction="none")
+                           + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), y_other, reduction="none"))
+        elif soft_labels is not None:  # SAT: TRADES's clean CE on targets that drift to the model's predictions
+            soft = cfg.sat_momentum * soft_labels + (1 - cfg.sat_momentum) * F.softmax(logits_nat.detach(), dim=1)
+            stats["soft_labels"], w = soft, soft.amax(1)  # weights: the targets' confidence, sum B
+            per_example = F.cross_entropy(logits_nat, soft, reduction="none") * (w * len(w) / w.sum())
+        else:  # Eq. 5 on f_t(x'); TRADES: on f_t(x)
+            logits = logits_adv if cfg.loss == "ce" else logits_nat
+            per_example = F.cross_entropy(logits, y_train, reduction="none", label_smoothing=cfg.label_smoothing)
         if cfg.reweight == "gairat":  # GAIRAT: w = (1 + tanh(lambda + 5 (1 - 2 kappa / K))) / 2, mean 1
             w = 0.5 * (1 + torch.tanh(cfg.gair_lambda + 5 * (1 - 2 * kappa.float() / max(cfg.num_steps, 1))))
             per_example = per_example * (w / w.mean())
@@ -282,7 +352,11 @@ def dynat_loss(target, guide, x, y, cfg=Config()):
             w = torch.sigmoid(cfg.mail_slope * (margin + cfg.mail_bias))
             per_example = per_example * (w / w.mean())
         loss = cfg.beta * per_example.mean()
-        if cfg.alpha > 0:
+        if cfg.loss == "mart":  # MART: KL(p(f_t(x)) || p(f_t(x'))) weighted by 1 - p_y(f_t(x)), gradient through both
+            p_nat = F.softmax(logits_nat, dim=1)
+            kl = F.kl_div(torch.log(F.softmax(logits_adv, dim=1) + 1e-12), p_nat, reduction="none").sum(1)
+            loss = loss + cfg.alpha * (kl * (1.0000001 - p_nat.gather(1, y_train[:, None]).squeeze(1))).mean()
+        elif cfg.alpha > 0:
             loss = loss + cfg.alpha * F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
                                                reduction="batchmean")
         return loss, logits_adv
@@ -341,14 +415,15 @@ def autocast(device, dtype):
 
 
 def learning_rate(args, epoch):
-    """(the paper's epoch, its lr) of a run's `epoch`: --guide-warmup's come first (<= 0; 0.2 lr, then lr), then
-    the release's schedule: epoch 1 at 0.2 lr, x0.1 after 75 %, x0.01 after 90 % of --epochs (76, 91 of 100)."""
+    """(the paper's epoch, its lr) of a run's `epoch`: --guide-warmup's come first (<= 0; 0.2 lr, then lr); then
+    epoch 1 at --lr-warm-start x lr, and from each of --lr-milestones on its --lr-factors x lr (by default the
+    release's: x0.1 after 75 %, x0.01 after 90 % of --epochs, from epochs 76 and 91 of 100)."""
     paper_epoch = epoch - args.guide_warmup
     if paper_epoch <= 0:
         return paper_epoch, (0.2 if epoch == 1 else 1.0) * args.lr
-    factor = 0.2 if paper_epoch == 1 else 0.01 if paper_epoch > int(0.9 * args.epochs) \
-        else 0.1 if paper_epoch > int(0.75 * args.epochs) else 1.0
-    return paper_epoch, factor * args.lr
+    milestones = args.lr_milestones or (int(0.75 * args.epochs) + 1, int(0.9 * args.epochs) + 1)
+    passed = [f for m, f in zip(milestones, args.lr_factors or (0.1, 0.01)) if paper_epoch >= m]
+    return paper_epoch, (args.lr_warm_start if paper_epoch == 1 else (passed or [1.0])[-1]) * args.lr
 
 
 def epoch_batches(n, batch_size, seed, epoch, world=1, device="cpu", limit=None):
@@ -369,17 +444,28 @@ STOP_SIGNALS, STOP_FLAGS = (signal.SIGINT, signal.SIGTERM), ("stop_sigint", "sto
 
 
 def train_step(target, guide, optimizer, scaler, x, y, cfg, *, amp=None, guide_only=False, share=1.0, world=1,
-               sync_buffers=True, clip=None, stop_flags=()):
+               sync_buffers=True, clip=None, stop_flags=(), soft_labels=None, batch=None):
     """Eq. 6's joint minimisation: dynat_loss (--guide-warmup: Eq. 4 alone), backward, gradients averaged across
     processes, one SGD step of both models. Returns STEP_STATS (losses times this process's `share`) and the
-    STOP_FLAGS summed over the processes, in one tensor on the device: the loop reads it once per step."""
+    STOP_FLAGS summed over the processes, in one tensor on the device: the loop reads it once per step.
+    soft_labels: SAT's targets of every training image (N x C), updated here at the global `batch`'s indices."""
+    rank = dist.get_rank() if world > 1 else 0
+    rows = None if soft_labels is None else soft_labels[batch.tensor_split(world)[rank]]
     with autocast(x.device, amp):
         if guide_only:  # the target gets no gradient, weight decay or momentum
             logits_guide = f32(guide(x))
             loss = F.cross_entropy(logits_guide, y)
             stats = {"loss_guide": loss.detach(), "dyn_correct": (logits_guide.detach().argmax(1) == y).sum()}
         else:
-            loss, stats = dynat_loss(target, guide, x, y, cfg)
+            loss, stats = dynat_loss(target, guide, x, y, cfg, soft_labels=rows)
+    if rows is not None:  # SAT: the global batch's new targets, the same on every process
+        new = stats["soft_labels"]
+        if world > 1:
+            full, start = soft_labels.new_zeros(len(batch), new.shape[1]), len(torch.cat(batch.tensor_split(world)[:rank]))
+            full[start:start + len(new)] = new
+            dist.all_reduce(full)
+            new = full
+        soft_labels[batch] = new
     optimizer.zero_grad(set_to_none=True)
     # unequal shares under torchrun: each process's mean weighted so that their average is the global batch's
     scaler.scale(loss * share).backward()
@@ -569,12 +655,13 @@ def init_processes(device_arg):
 
 
 def configure_backends(deterministic):
-    """--deterministic: deterministic kernels (bitwise repeatable on a CPU); else cuDNN autotunes (fixed shapes)."""
+    """--deterministic: deterministic kernels (bitwise repeatable on a CPU); else cuDNN autotunes (fixed shapes).
+    float32 means float32: no TF32 (torch's default runs cuDNN convolutions in TF32 on Ampere and newer)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 @contextlib.contextmanager
@@ -729,6 +816,7 @@ def train(args, ckpt=None):
     optimizer = torch.optim.SGD([p for m in models for p in m.parameters()], lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    soft = F.one_hot(labels, classes).float() if args.sat else None  # SAT's targets of every training image
     if args.compile:  # after the weights are final: nn.Module.compile keeps the state_dict keys plain
         for m in models:
             m.compile()
@@ -741,6 +829,7 @@ def train(args, ckpt=None):
             load_weights(model, ckpt[name], f"{last_path} [{name}]", log)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+        soft = None if soft is None else ckpt["sat_soft_labels"].to(device)
         start_epoch, best_val = ckpt["epoch"] + 1, ckpt["best_val"]
         sums.update(ckpt["partial"] or {}, step=ckpt["step"])
         if ckpt.get("world", world) != world:  # allowed (the global batch is the same), but said
@@ -778,7 +867,7 @@ def train(args, ckpt=None):
             write_atomic(last_path, lambda f: torch.save({
                 **weights(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
                 "step": int(partial["step"]) if partial else 0, "partial": partial, "best_val": best_val,
-                "world": world}, f))
+                "world": world, "sat_soft_labels": soft}, f))
 
     with stop_signals() as received:
         for epoch in range(start_epoch, last_epoch + 1):
@@ -786,7 +875,8 @@ def train(args, ckpt=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             late = paper_epoch >= args.reweight_start  # the burn-in of the reweighting and ISEAT
-            cfg = dataclasses.replace(flags, awp=args.awp and paper_epoch >= args.awp_warmup,
+            fat_tau = (args.fat_tau or (-1,))[sum(paper_epoch >= m for m in args.fat_tau_milestones)]
+            cfg = dataclasses.replace(flags, awp=args.awp and paper_epoch >= args.awp_warmup, fat_tau=fat_tau,
                                       reweight=args.reweight if late else "none", iseat=args.iseat if late else 0.0)
             clipped = args.target_clip > 0 and 1 <= paper_epoch <= args.target_clip_epochs  # the target's first epochs
             clip = (list(target.parameters()), args.target_clip) if clipped else None
@@ -807,7 +897,9 @@ def train(args, ckpt=None):
                     share = len(y) * world / len(batches[step])
                 values = train_step(target, guide, optimizer, scaler, x, y, cfg, amp=amp, guide_only=paper_epoch <= 0,
                                     share=share, world=world, sync_buffers=not args.sync_bn, clip=clip,
-                                    stop_flags=[float(s in received) for s in STOP_SIGNALS] if world > 1 else ())
+                                    stop_flags=[float(s in received) for s in STOP_SIGNALS] if world > 1 else (),
+                                    soft_labels=soft if args.sat and paper_epoch >= args.sat_start else None,
+                                    batch=batches[step])
                 # the step's one host read, after the whole step is queued: the GPU works while the CPU waits here
                 values = dict(zip(STEP_STATS + STOP_FLAGS, values.tolist()))
                 for name in STEP_STATS:  # stop before anything is saved: last.pt stays the last good state

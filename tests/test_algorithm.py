@@ -527,7 +527,7 @@ def test_config_defaults_are_the_flags_defaults():
     """One home for each default: the parser takes the algorithm's from Config (--help shows 8/255)."""
     args, c = dynat.get_parser().parse_args([]), dynat.Config()
     for f in dataclasses.fields(dynat.Config):
-        if f.name != "awp":  # --awp is a switch, off by default as Config's
+        if f.name not in ("awp", "fat_tau"):  # --awp: a switch, off as Config's; --fat-tau: a schedule, off as -1
             assert getattr(args, f.name) == getattr(c, f.name), f.name
     assert not args.awp and not c.awp and args.epsilon == 8 / 255
     assert "(default: 8/255)" in " ".join(dynat.get_parser().format_help().split())
