@@ -830,3 +830,162 @@ def test_the_warning_never_recommends_the_warm_up_the_run_already_had():
     behind = epoch_row(7, 0.6, 0.1, 10)
     assert "--guide-warmup 4 " in dynat.collapse_warning(behind, 10, 3, 24, guide_warmup=2)  # ~80 steps > 2 epochs
     assert "--guide-warmup 8 " in dynat.collapse_warning(behind, 10, 5, 24, guide_warmup=4)  # had ~80: double it
+
+
+# ----------------------------------------------------------------------------- 13. the comparison methods
+
+def record_train_forwards(model, x, seen):
+    """Record each train-mode forward of `model` as "x" (the clean batch) or "x'" (anything else: the attack's)."""
+    def hook(m, inp):  # returns None: the input goes on unchanged
+        if m.training:
+            seen.append("x" if torch.equal(inp[0], x) else "x'")
+    return model.register_forward_pre_hook(hook)
+
+
+def test_trades_at_alpha_zero_is_clean_cross_entropy():
+    target, _ = make_models()
+    x, y = make_batch()
+    loss, _, t1, _ = call_loss(target, None, x, y, labels="true", loss="trades", alpha=0.0)
+    loss.backward()
+    t2 = copy.deepcopy(target)
+    ref = F.cross_entropy(t2(x), y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(t1.parameters(), t2.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("clean_bn,order", [(True, ["x", "x'", "x"]), (False, ["x", "x'"])])
+def test_trades_by_hand_with_its_releases_batchnorm_order(spy, clean_bn, order):
+    """TRADES: CE(f(x), y) + alpha KL(p(f(x)) || p(f(x'))) on the KL attack; train-mode forwards x, x' (and x
+    again with --clean-bn: the TRADES release's model(x_natural) in its KL term); MART's too start with x."""
+    target, _ = make_models(dtype=torch.float64)
+    x, y = make_batch(dtype=torch.float64)
+    seen, t1 = [], copy.deepcopy(target)
+    record_train_forwards(t1, x, seen)
+    torch.manual_seed(3)
+    loss, _ = dynat.dynat_loss(t1, None, x, y, config(labels="true", loss="trades", alpha=6.0, clean_bn=clean_bn))
+    assert spy["attack"]["loss"] == "kl" and seen == order
+    t2 = copy.deepcopy(target)
+    z_nat, z_adv = t2(x), t2(spy["x_adv"])
+    p = F.softmax(z_nat, 1)
+    ref = F.cross_entropy(z_nat, y) + 6.0 * (p * (F.log_softmax(z_nat, 1) - F.log_softmax(z_adv, 1))).sum(1).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    seen.clear()
+    dynat.dynat_loss(t1, None, x, y, config(labels="true", loss="mart", alpha=6.0, inner=True, clean_bn=False))
+    assert seen == ["x", "x'"]
+    seen.clear()
+    dynat.dynat_loss(t1, None, x, y, config(labels="true", inner=True, alpha=1.0))  # DYNAT's alpha: x' first
+    assert seen == ["x'", "x"]
+
+
+def spy_perturb(real, spy, *a, **kw):
+    x_adv, kappa = real(*a, **kw)
+    spy.update(x_adv=x_adv, kappa=kappa, y_attack=a[2].clone(), attack=kw)
+    return x_adv, kappa
+
+
+def test_mart_by_hand_its_kl_weighted_by_one_minus_p_y_of_the_clean_image(spy):
+    """MART: BCE(f(x'), y) + alpha mean_i KL_i(p(f(x)) || p(f(x'))) (1 - p_y(f(x_i))), its release's epsilons; the
+    CE attack on y."""
+    target, _ = make_models(dtype=torch.float64)
+    x, y = make_batch(dtype=torch.float64)
+    loss, _, t1, _ = call_loss(target, None, x, y, labels="true", loss="mart", alpha=6.0, inner=True, clean_bn=False)
+    assert spy["attack"]["loss"] == "ce" and torch.equal(spy["y_attack"], y)
+    loss.backward()
+    t2 = copy.deepcopy(target)
+    z_nat, z_adv = t2(x), t2(spy["x_adv"])
+    p_nat, p_adv = F.softmax(z_nat, 1), F.softmax(z_adv, 1)
+    wrong = p_adv.masked_fill(F.one_hot(y, C).bool(), -1).argmax(1)  # the likeliest wrong class on x'
+    bce = -torch.log(p_adv.gather(1, y[:, None]).squeeze(1)) - torch.log(1.0001 - p_adv.gather(1, wrong[:, None]).squeeze(1) + 1e-12)
+    kl = (p_nat * (torch.log(p_nat) - torch.log(p_adv + 1e-12))).sum(1)
+    weight = 1.0000001 - p_nat.gather(1, y[:, None]).squeeze(1)
+    ref = bce.mean() + 6.0 * (kl * weight).mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(t1.parameters(), t2.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(ref, bce.mean() + 6.0 * kl.mean())  # the test tells the weighting apart
+
+
+def test_fat_with_a_budget_beyond_k_and_no_noise_is_plain_pgd():
+    target, _ = make_models()
+    x, y = make_batch()
+    runs = []
+    for kw in (dict(), dict(fat_tau=5, fat_omega=0.0)):
+        torch.manual_seed(0)
+        runs.append(dynat.perturb(target, x, y, epsilon=EPS, step_size=STEP, num_steps=5, loss="ce", start="uniform", **kw))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("tau", [0, 1, 3])
+def test_fat_stops_each_point_tau_steps_after_it_is_first_misclassified(tau):
+    """AlwaysClassZero predicts class 0 everywhere: points of label 0 are never misclassified and run all K
+    steps; points of another label are wrong from the start and stop after exactly tau steps."""
+    model, (x, _) = AlwaysClassZero(), make_batch()
+    y = torch.tensor([0, 1, 0, 2, 0, 1, 0, 2])
+    k = 5
+    torch.manual_seed(0)
+    fat, _ = dynat.perturb(model, x, y, epsilon=EPS, step_size=STEP, num_steps=k, start="uniform", fat_tau=tau)
+    for steps, points in ((k, y == 0), (tau, y != 0)):
+        torch.manual_seed(0)
+        plain, _ = dynat.perturb(model, x, y, epsilon=EPS, step_size=STEP, num_steps=steps, start="uniform")
+        assert torch.equal(fat[points], plain[points]), steps
+    torch.manual_seed(0)
+    noisy, _ = dynat.perturb(model, x, y, epsilon=EPS, step_size=STEP, num_steps=k, start="uniform", fat_tau=tau,
+                             fat_omega=0.01)
+    assert not torch.equal(noisy[y == 0], fat[y == 0]) and (noisy - x).abs().max() <= EPS + 1e-6  # omega's noise
+
+
+def test_sat_targets_move_towards_the_clean_predictions_and_weight_the_clean_ce():
+    target, _ = make_models(dtype=torch.float64)
+    x, y = make_batch(dtype=torch.float64)
+    old = F.one_hot(y, C).double() * 0.7 + 0.03  # targets some steps along
+    spy_calls = {}
+    real = dynat.perturb
+    torch.manual_seed(3)
+    dynat_perturb = lambda *a, **kw: spy_perturb(real, spy_calls, *a, **kw)
+    import unittest.mock as mock
+    with mock.patch.object(dynat, "perturb", dynat_perturb):
+        t1 = copy.deepcopy(target)
+        loss, stats = dynat.dynat_loss(t1, None, x, y, config(labels="true", loss="trades", alpha=6.0, clean_bn=False,
+                                                               sat_momentum=0.9), soft_labels=old)
+    t2 = copy.deepcopy(target)
+    z_nat, z_adv = t2(x), t2(spy_calls["x_adv"])
+    soft = 0.9 * old + 0.1 * F.softmax(z_nat.detach(), 1)
+    torch.testing.assert_close(stats["soft_labels"], soft, rtol=1e-12, atol=1e-12)
+    w = soft.max(1).values
+    w = w * len(w) / w.sum()
+    p = F.softmax(z_nat, 1)
+    ref = ((-(soft * F.log_softmax(z_nat, 1)).sum(1)) * w).mean() \
+        + 6.0 * (p * (F.log_softmax(z_nat, 1) - F.log_softmax(z_adv, 1))).sum(1).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_the_attack_start_and_the_inner_label_reach_the_attack(spy):
+    target, guide = make_models()
+    x, y = make_batch()
+    call_loss(target, guide, x, y, inner=True, start="uniform", inner_label="true")
+    assert spy["attack"]["start"] == "uniform" and torch.equal(spy["y_attack"], y)  # CE on y ...
+    loss, stats, _, _ = call_loss(target, guide, x, y, seed=4, inner=True, inner_label="true")
+    ref, y_t = reference_loss(copy.deepcopy(target), copy.deepcopy(guide), x, y, spy["x_adv"], spy["kappa"])
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)  # ... while the target learns y_dyn
+    assert not torch.equal(y_t, y)
+
+
+@pytest.mark.parametrize("epoch,lr", [(1, 0.1), (59, 0.1), (60, 0.01), (89, 0.01), (90, 0.001), (109, 0.001),
+                                      (110, 0.0005), (120, 0.0005)])
+def test_learning_rate_milestones_and_factors_give_gairats_schedule(epoch, lr):
+    args = dynat.get_parser().parse_args(["--epochs", "120", "--lr-milestones", "60,90,110", "--lr-factors",
+                                          "0.1,0.01,0.005", "--lr-warm-start", "1"])
+    assert dynat.learning_rate(args, epoch)[1] == pytest.approx(lr, rel=1e-12)
+
+
+def test_float32_training_runs_without_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        dynat.configure_backends(deterministic=False)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -213,6 +213,23 @@ def test_target_clip_clips_the_targets_gradient_in_its_first_epochs_only(tmp_pat
     assert all(guide > 0.05 for _, guide in norms)  # the guide is never clipped
 
 
+def test_sat_keeps_every_images_targets_from_its_start_epoch_on_and_in_last_pt(tmp_path, monkeypatch):
+    """SAT's targets (N x C, one-hot at first) are the loop's: untouched before --sat-start, then each step's
+    rows move towards the clean predictions; last.pt keeps them for a resume."""
+    seen = []
+    spy_steps(monkeypatch, after=lambda call: seen.append(None if call["soft_labels"] is None else
+                                                         call["soft_labels"].clone()))
+    out = tmp_path / "run"
+    assert dynat.main(["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "2",
+                       "--labels", "true", "--loss", "trades", "--alpha", "6", "--sat", "--sat-start", "2",
+                       "--no-clean-bn", "--out-dir", str(out), *TINY]) == 0
+    assert seen[:5] == [None] * 5 and all(s is not None for s in seen[5:])  # epoch 1: plain TRADES
+    soft = seen[-1]
+    assert soft.shape == (160, 10) and torch.allclose(soft.sum(1), torch.ones(160))
+    assert (soft.max(1).values < 1).all()  # every image was in a batch of epoch 2: all moved from one-hot
+    assert torch.equal(torch.load(out / "last.pt", weights_only=True)["sat_soft_labels"], soft)
+
+
 # ----------------------------------------------------------------------------- collapse detection
 
 class ChannelGuide(nn.Module):

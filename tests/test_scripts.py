@@ -214,6 +214,11 @@ BAD_INPUTS = {
     "reweight start beyond epochs": ["--reweight", "gairat", "--reweight-start", "5", "--epochs", "3"],
     "resume of a missing dir": ["--resume", "/nonexistent/run"],
     "zero batch size": ["--batch-size", "0"],
+    "trades with lbgat": ["--loss", "trades", "--labels", "lbgat"],
+    "sat without trades": ["--sat"],
+    "inner label without inner": ["--inner-label", "true"],
+    "lr milestones not increasing": ["--lr-milestones", "3,2", "--lr-factors", "0.1,0.01"],
+    "fat taus and milestones disagree": ["--fat-tau", "0,1", "--fat-tau-milestones", "2,3"],
 }
 
 
