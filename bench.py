@@ -81,6 +81,7 @@ def get_parser():
     a("--inner", action="store_true", help="DYNAT's CE attack on the dynamic labels (Eq. 7) instead of the KL attack")
     a("--awp", action="store_true", help="adversarial weight perturbation on the target (one extra target pass)")
     a("--alpha", type=float, default=0.0, help="TRADES weight alpha (> 0 adds a clean target forward+backward)")
+    a("--ema", type=float, default=0.0, metavar="DECAY", help="dynat.py's --ema: the step averages the target's weights")
     a("--amp", type=precision_list, default=["bf16"],
       help="autocast precision(s) of our step: none, bf16, fp16 or a comma list (none,bf16) timed in one run")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -203,11 +204,11 @@ def batch_fn(device, batch_size, channels_last):
     return next_batch
 
 
-def our_step_fn(target, guide, optimizer, scaler, next_batch, cfg, amp):
+def our_step_fn(target, guide, optimizer, scaler, next_batch, cfg, amp, ema=None):
     """One training step exactly as dynat.py's loop takes it: dynat.train_step and its one host read."""
     def step():
         x, y = next_batch()
-        dynat.train_step(target, guide, optimizer, scaler, x, y, cfg, amp=amp).tolist()
+        dynat.train_step(target, guide, optimizer, scaler, x, y, cfg, amp=amp, ema=ema).tolist()
     return step
 
 
@@ -272,7 +273,7 @@ def literal_step_fn(target, guide, next_batch, settings, lr=0.1):
     return step
 
 
-def floor_pieces(target, guide, next_batch, settings, amp, device):
+def floor_pieces(target, guide, next_batch, settings, amp, device, ema=None):
     """The passes the algorithm cannot do without, with the models and precision of our step, as
     {piece: (callable doing one pass, passes per step)}. Each callable sets the modes it needs and
     leaves both models in train mode with their weights requiring grad, as our step expects."""
@@ -329,6 +330,15 @@ def floor_pieces(target, guide, next_batch, settings, amp, device):
         loss.backward()
     pieces["guide fwd+bwd"] = (guide_fwd_bwd, 1)
 
+    if ema is not None:  # --ema: not a pass of the algorithm, the update that follows the step
+        def ema_update():
+            with torch.no_grad():
+                for p_ema, p in zip(ema[0].parameters(), target.parameters()):
+                    p_ema.lerp_(p, 1 - ema[1])
+                for b_ema, b in zip(ema[0].buffers(), target.buffers()):
+                    b_ema.copy_(b)
+        pieces["target EMA update"] = (ema_update, 1)
+
     if settings.awp:
         weights = [p for p in target.parameters() if p.ndim > 1]
         # AWP's ascent direction: the target's loss, gradient w.r.t. its conv/linear weights only.
@@ -363,13 +373,14 @@ def build(args, device):
                 m.compile()
         optimizer = torch.optim.SGD([*t.parameters(), *g.parameters()], lr=dyn_args.lr,
                                     momentum=dyn_args.momentum, weight_decay=dyn_args.weight_decay)
+        ema = (copy.deepcopy(t).requires_grad_(False), args.ema) if args.ema else None
         for precision in args.amp:
             name = ("fp32" if precision == "none" else precision) + suffix
             amps[name] = dynat.amp_dtype(precision, device)
             scaler = torch.amp.GradScaler(device.type, enabled=amps[name] == torch.float16)
-            fns[("ours", name)] = our_step_fn(t, g, optimizer, scaler, next_batch, settings, amps[name])
+            fns[("ours", name)] = our_step_fn(t, g, optimizer, scaler, next_batch, settings, amps[name], ema)
             if not suffix:
-                pieces[name] = floor_pieces(t, g, next_batch, settings, amps[name], device)
+                pieces[name] = floor_pieces(t, g, next_batch, settings, amps[name], device, ema)
                 fns.update({(name, piece): fn for piece, (fn, _) in pieces[name].items()})
     # FLOPs of one eager step, the same for every precision (counted on a copy: the timed models stay as they are).
     t, g = copy.deepcopy(target), copy.deepcopy(guide)
@@ -406,8 +417,8 @@ def run(args):
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
             raise dynat.UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_steps < 0 or args.warmup < 0 or args.alpha < 0:
-        raise dynat.UsageError("--num-steps, --warmup and --alpha must be >= 0")
+    if args.num_steps < 0 or args.warmup < 0 or args.alpha < 0 or not 0 <= args.ema < 1:
+        raise dynat.UsageError("--num-steps, --warmup and --alpha must be >= 0, --ema in [0, 1)")
     _, _, device = dynat.init_processes(args.device)
     dynat.configure_backends(deterministic=False)  # as dynat.py: cuDNN autotuning, TF32 for fp32
     fns, pieces, amps, flops = build(args, device)
@@ -420,7 +431,8 @@ def run(args):
     cuda = device.type == "cuda"
     return {"config": {"target": args.target, "guide": args.guide, "batch_size": args.batch_size,
                        "num_steps": args.num_steps, "inner": args.inner, "awp": args.awp, "alpha": args.alpha,
-                       "clean_bn": args.clean_bn, "channels_last": args.channels_last, "compile": args.compile,
+                       "clean_bn": args.clean_bn, "ema": args.ema, "channels_last": args.channels_last,
+                       "compile": args.compile,
                        "steps": args.steps, "warmup": args.warmup},
             "env": {"device": str(device), **dynat.provenance(),
                     "device_name": torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads",

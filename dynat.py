@@ -19,6 +19,7 @@ Reading order: arguments; THE ALGORITHM (a torch-only block to paste whole); the
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -85,20 +86,24 @@ def get_parser():
     a("--batch-size", type=int, default=128, help="global batch size m (split across processes)")
     a("--lr", type=float, default=0.1, help="learning rate")
     a("--lr-milestones", type=numbers(int), default=None, metavar="E,E",
-      help="epochs from which the --lr-factors apply (default: after 75%% and 90%% of --epochs, the release's)")
-    a("--lr-factors", type=numbers(float), default=None, metavar="F,F", help="lr factor from each milestone (0.1,0.01)")
+      help="epochs from which the --lr-factors apply (default: after 75%% and 90%% of --epochs)%(default).0s")
+    a("--lr-factors", type=numbers(float), default=None, metavar="F,F",
+      help="lr factor from each milestone (default: 0.1,0.01)%(default).0s")
     a("--lr-warm-start", type=float, default=0.2, help="lr factor of the first epoch (1: none)")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
     a("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
     # the algorithm (Config)
-    a("--epsilon", type=fraction, default=fmt_fraction(c.epsilon), help="L-inf radius of the attack (8/255 or 0.031)")
-    a("--step-size", type=fraction, default=fmt_fraction(c.step_size), help="PGD step size")
+    a("--norm", default=c.norm, choices=list(RADII), help="threat model: the attack's ball")
+    # the radius and step depend on --norm: "%(default).0s" keeps argparse from appending "(default: None)"
+    a("--epsilon", type=fraction, default=None, help="radius of the ball: 8/255 (L-inf; the paper writes 0.031), "
+      "128/255 (L2)%(default).0s")
+    a("--step-size", type=fraction, default=None, help="PGD step size: 2/255 (L-inf), 15/255 (L2)%(default).0s")
     a("--num-steps", type=int, default=c.num_steps, help="PGD steps K of the training attack")
     a("--inner", action="store_true", help="inner maximisation CE(f_t(x'), y_dyn) (Eq. 7) instead of the KL attack")
     a("--inner-label", default=c.inner_label, choices=["train", "true"], help="--inner's label: y_dyn (train) or y")
     a("--start", default=c.start, choices=["normal", "uniform"], help="attack start: x + 0.001 N(0, I), or U(ball)")
-    a("--fat-tau", type=numbers(int), default=(), metavar="TAU,TAU", help="FAT's early-stop tau per --fat-tau-milestones")
-    a("--fat-tau-milestones", type=numbers(int), default=(), metavar="E,E", help="epochs from which the next tau applies")
+    a("--fat-tau", type=numbers(int), default=(), metavar="T,T", help="FAT's early stop tau, per --fat-tau-milestones")
+    a("--fat-tau-milestones", type=numbers(int), default=(), metavar="E,E", help="epochs from which the next tau holds")
     a("--fat-omega", type=float, default=c.fat_omega, help="FAT's noise on each attack step")
     a("--loss", default=c.loss, choices=["ce", "trades", "mart"], help="target loss: CE(f_t(x')) (Eq. 5), TRADES, MART")
     a("--alpha", type=float, default=c.alpha, help="TRADES weight alpha of KL(p(f_t(x)) || p(f_t(x')))")
@@ -118,6 +123,8 @@ def get_parser():
     a("--sat", action="store_true", help="SAT's soft targets for --loss trades's clean CE (self-adaptive training)")
     a("--sat-momentum", type=float, default=c.sat_momentum, help="SAT's momentum of the soft targets")
     a("--sat-start", type=int, default=70, help="first epoch of --sat")
+    a("--ema", type=float, default=0.0, metavar="DECAY", help="an exponential moving average of the target's weights, "
+      "evaluated beside it (0: off, the paper)")
     # start-up (not in the paper: docs/training-dynamics.md)
     a("--guide-warmup", type=int, default=0, metavar="EPOCHS", help="guide-only epochs first (0: the paper)")
     a("--target-clip", type=float, default=0.0, metavar="NORM", help="clip the target's gradient norm (0: the paper)")
@@ -133,7 +140,7 @@ def get_parser():
     a("--workers", type=int, default=2, help="processes decoding an ImageFolder once at start-up")
     a("--out-dir", default="runs/dynat", help="where metrics, curves and checkpoints go")
     a("--overwrite", action="store_true", help="allow writing into a non-empty --out-dir")
-    a("--resume", default=None, metavar="DIR", help="continue the run in DIR from DIR/last.pt")
+    a("--resume", default=None, metavar="DIR", help="continue the run in DIR from DIR/last.pt%(default).0s")
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (and always at the last)")
     a("--eval-pgd-n", type=int, default=1000, help="images of the per-epoch PGD-10 check")
     a("--dry-run", action="store_true", help="one batch per epoch and one evaluation batch (smoke tests)")
@@ -149,8 +156,11 @@ def require(args, names, ok, what):
 
 
 def validate_args(args):
-    """Every flag checked up front, with a one-line reason."""
-    require(args, ("epsilon", "step_size"), lambda v: 0 < v <= 1, "in (0, 1] (pixels are in [0, 1])")
+    """Every flag checked up front, with a one-line reason; the radius and step given their --norm's defaults."""
+    c = Config(norm=args.norm, epsilon=args.epsilon, step_size=args.step_size)
+    args.epsilon, args.step_size = c.epsilon, c.step_size
+    top = 1 if args.norm == "linf" else 100  # pixels are in [0, 1]; an L2 ball of radius 100 holds every image
+    require(args, ("epsilon", "step_size"), lambda v: 0 < v <= top, f"in (0, {top}] (pixels are in [0, 1])")
     for name in ("target", "guide"):
         checked(sibling("models").check_arch, getattr(args, name), prefix=f"--{name}: ")
     require(args, ("epochs", "batch_size", "eval_every", "eval_pgd_n"), lambda v: v >= 1, ">= 1")
@@ -159,7 +169,7 @@ def validate_args(args):
     require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat", "target_clip", "fat_omega"),
             lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
     require(args, ("lr_warm_start",), lambda v: 0 < v and math.isfinite(v), "a finite number > 0")
-    require(args, ("sat_momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
+    require(args, ("sat_momentum", "ema"), lambda v: 0 <= v < 1, "in [0, 1)")
     for steps, values in (("lr_milestones", "lr_factors"), ("fat_tau_milestones", "fat_tau")):
         e, v = getattr(args, steps) or (), getattr(args, values) or ()
         extra = values == "fat_tau" and bool(v)  # taus: one before the first milestone, then one per milestone
@@ -204,12 +214,13 @@ from torch.func import functional_call
 class Config:
     """One step's settings, Algorithm 1's then the variants'; the paper's defaults, which the flags take."""
     # inner maximisation (Sec. 3.4)
-    epsilon: float = 8 / 255  # radius of the L-inf ball around x in [0, 1] pixels (the paper writes 0.031)
-    step_size: float = 2 / 255  # of the signed PGD step
+    norm: str = "linf"  # the threat model's ball: "linf" (the paper) or "l2"
+    epsilon: float = None  # its radius in [0, 1] pixels; None: 8/255 (the paper writes 0.031), L2: 128/255
+    step_size: float = None  # None: 2/255; L2: 15/255 (Rice et al. 2020's and AWP's CIFAR L2 setting)
     num_steps: int = 10  # K
     inner: bool = False  # attack CE(f_t(x'), y_dyn) (Eq. 7); False: KL(p(f_t(x)) || p(f_t(x'))) (TRADES/LBGAT)
     inner_label: str = "train"  # the CE attack's label: "train", the label the target learns; "true": y
-    start: str = "normal"  # x + 0.001 N(0, I) (TRADES/LBGAT/DYNAT/MART) or "uniform" in the ball (PGD-AT/AWP/GAIRAT/FAT)
+    start: str = "normal"  # x + 0.001 N(0, I) (TRADES/LBGAT/DYNAT/MART), "uniform" in the ball (PGD-AT/AWP/GAIRAT/FAT)
     fat_tau: int = -1  # FAT's early-stopped PGD: a point stops at its (tau + 1)-th misclassified iterate (-1: off)
     fat_omega: float = 0.001  # FAT's noise omega N(0, I) added to each of its steps
     # outer minimisation (Eq. 5-6)
@@ -228,6 +239,13 @@ class Config:
     mail_slope: float = 10.0
     iseat: float = 0.0  # ISEAT's lambda (0: off)
     sat_momentum: float = 0.9  # SAT: soft targets <- m soft + (1 - m) p(f_t(x)), when dynat_loss gets soft_labels
+
+    def __post_init__(self):  # the radius and step default to the threat model's
+        for name, radius in (("epsilon", RADII[self.norm][0]), ("step_size", RADII[self.norm][1])):
+            object.__setattr__(self, name, radius if getattr(self, name) is None else getattr(self, name))
+
+
+RADII = {"linf": (8 / 255, 2 / 255), "l2": (128 / 255, 15 / 255)}  # (epsilon, step size) by default
 
 
 def no_fp16(device):
@@ -250,25 +268,35 @@ def margin_loss(logits, y):
     return logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1) - z_y
 
 
-def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="normal", fat_tau=-1, fat_omega=0.0):
-    """The one attack, of training and evaluation: K signed-gradient ascent steps in the L-inf ball, on
-    loss "ce" CE(f(x'), y) (PGD-AT; Eq. 7 with y = y_dyn), "kl" KL(p(f(x)) || p(f(x'))) (TRADES/LBGAT) or
-    "cw" (margin), from start "normal" x + 0.001 N(0, I) (TRADES/LBGAT/DYNAT) or "uniform" in the ball,
-    projected like every iterate (eps = 0 or K = 0 give valid images). The model runs in eval mode, its
+def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="normal", norm="linf", fat_tau=-1,
+            fat_omega=0.0):
+    """The one attack, of training and evaluation: K signed-gradient ascent steps in the L-inf ball (norm "l2":
+    steps along g / ||g||_2, then onto the L2 ball and the box), on loss "ce" CE(f(x'), y) (PGD-AT; Eq. 7 with
+    y = y_dyn), "kl" KL(p(f(x)) || p(f(x'))) (TRADES/LBGAT) or "cw" (margin), from start "normal" x + 0.001
+    N(0, I) (TRADES/LBGAT/DYNAT) or "uniform" in the ball (L2: a random direction at a radius U(0, eps), Rice et
+    al.'s), projected like every iterate (eps = 0 or K = 0 give valid images). The model runs in eval mode, its
     parameters frozen; both restored. Returns (x_adv, kappa): kappa[i] counts the iterates, checked before
     each update, classified as y[i] (GAIRAT's geometry value; robust in an evaluation only if kappa = K).
     fat_tau >= 0: FAT's early-stopped PGD, a point stays at its (tau + 1)-th misclassified iterate, and every
     step adds fat_omega N(0, I)."""
     was_training, frozen = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)
-    project = lambda z: torch.min(torch.max(z, x - epsilon), x + epsilon).clamp(0, 1)
+    size = lambda z: z.flatten(1).norm(dim=1).view(-1, *[1] * (z.dim() - 1))  # per-example L2 norm
+    if norm == "l2":  # the box after the ball: clamping moves a pixel towards x, never out of the ball
+        project = lambda z: (x + (z - x) * (epsilon / (size(z - x) + 1e-12)).clamp(max=1)).clamp(0, 1)
+    else:
+        project = lambda z: torch.min(torch.max(z, x - epsilon), x + epsilon).clamp(0, 1)
     try:
         with no_fp16(x.device):
             if loss == "kl":
                 with torch.no_grad():
                     p_nat = F.softmax(f32(model(x)), dim=1)
-            uniform = start == "uniform"
-            noise = torch.empty_like(x).uniform_(-epsilon, epsilon) if uniform else 0.001 * torch.randn_like(x)
+            if start == "uniform" and norm == "l2":
+                noise = torch.randn_like(x)
+                noise = noise / size(noise) * epsilon * torch.rand_like(size(noise))
+            else:
+                uniform = start == "uniform"
+                noise = torch.empty_like(x).uniform_(-epsilon, epsilon) if uniform else 0.001 * torch.randn_like(x)
             x_adv, kappa = project(x + noise), torch.zeros(len(x), dtype=torch.long, device=x.device)
             active, budget = torch.ones_like(y, dtype=torch.bool), torch.full_like(y, fat_tau)
             for _ in range(num_steps):
@@ -282,7 +310,7 @@ def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="nor
                              "kl": lambda: F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum"),
                              "cw": lambda: margin_loss(logits, y).sum()}[loss]()
                 grad, = torch.autograd.grad(objective, x_adv)
-                step = step_size * grad.sign()
+                step = step_size * (grad / (size(grad) + 1e-10) if norm == "l2" else grad.sign())
                 if fat_tau >= 0:  # FAT's noise on every step; a point that stopped stays (project(z) is z)
                     step = torch.where(active[:, None, None, None], step + fat_omega * torch.randn_like(x), 0.0)
                 x_adv = project(x_adv.detach() + step)
@@ -315,7 +343,7 @@ def dynat_loss(target, guide, x, y, cfg=Config(), soft_labels=None):
     # Eq. 7 (--inner) or the TRADES/LBGAT KL attack, on the frozen target
     x_adv, kappa = perturb(target, x, y if cfg.inner_label == "true" else y_train, epsilon=cfg.epsilon,
                            step_size=cfg.step_size, num_steps=cfg.num_steps, loss="ce" if cfg.inner else "kl",
-                           start=cfg.start, fat_tau=cfg.fat_tau, fat_omega=cfg.fat_omega)
+                           start=cfg.start, norm=cfg.norm, fat_tau=cfg.fat_tau, fat_omega=cfg.fat_omega)
 
     def target_loss(delta, logits_guide, clean_bn):
         params = {n: p + delta[n] for n, p in target.named_parameters() if n in delta}
@@ -444,11 +472,12 @@ STOP_SIGNALS, STOP_FLAGS = (signal.SIGINT, signal.SIGTERM), ("stop_sigint", "sto
 
 
 def train_step(target, guide, optimizer, scaler, x, y, cfg, *, amp=None, guide_only=False, share=1.0, world=1,
-               sync_buffers=True, clip=None, stop_flags=(), soft_labels=None, batch=None):
+               sync_buffers=True, clip=None, stop_flags=(), soft_labels=None, batch=None, ema=None):
     """Eq. 6's joint minimisation: dynat_loss (--guide-warmup: Eq. 4 alone), backward, gradients averaged across
     processes, one SGD step of both models. Returns STEP_STATS (losses times this process's `share`) and the
     STOP_FLAGS summed over the processes, in one tensor on the device: the loop reads it once per step.
-    soft_labels: SAT's targets of every training image (N x C), updated here at the global `batch`'s indices."""
+    soft_labels: SAT's targets of every training image (N x C), updated here at the global `batch`'s indices.
+    ema: (model, decay): the average of the target's weights, moved towards them after the step."""
     rank = dist.get_rank() if world > 1 else 0
     rows = None if soft_labels is None else soft_labels[batch.tensor_split(world)[rank]]
     with autocast(x.device, amp):
@@ -461,7 +490,8 @@ def train_step(target, guide, optimizer, scaler, x, y, cfg, *, amp=None, guide_o
     if rows is not None:  # SAT: the global batch's new targets, the same on every process
         new = stats["soft_labels"]
         if world > 1:
-            full, start = soft_labels.new_zeros(len(batch), new.shape[1]), len(torch.cat(batch.tensor_split(world)[:rank]))
+            full = soft_labels.new_zeros(len(batch), new.shape[1])
+            start = len(torch.cat(batch.tensor_split(world)[:rank]))
             full[start:start + len(new)] = new
             dist.all_reduce(full)
             new = full
@@ -476,6 +506,12 @@ def train_step(target, guide, optimizer, scaler, x, y, cfg, *, amp=None, guide_o
         torch.nn.utils.clip_grad_norm_(*clip)
     scaler.step(optimizer)
     scaler.update()
+    if ema is not None:  # parameters averaged; BatchNorm statistics the target's own, as DeepMind's and DM-AT's EMA
+        with torch.no_grad():
+            for p_ema, p in zip(ema[0].parameters(), target.parameters()):
+                p_ema.lerp_(p, 1 - ema[1])
+            for b_ema, b in zip(ema[0].buffers(), target.buffers()):
+                b_ema.copy_(b)
     zero = stats["loss_guide"].new_zeros(())  # zero + flag: a fill on the device, not a copy that waits for it
     values = torch.stack([stats.get(k, zero).float() * (share if k.startswith("loss") else 1.0) for k in STEP_STATS]
                          + [zero + flag for flag in stop_flags])
@@ -532,8 +568,8 @@ def robust_mask(model, x, y, attack, *, clean=None, restarts=1, progress=None, *
 
 def evaluate_epoch(models, data, args, epoch, device, amp, fixed_shape):
     """Per-epoch figures (rank 0, the run's precision): each model's clean test accuracy and how many classes
-    it predicts (1 = dead), the target's PGD-10 on the validation split if any, else on --eval-pgd-n test images."""
-    torch.manual_seed(step_seed(args.seed, epoch, 1_000_000, 0))  # PGD's starts: the same after a resume
+    it predicts (1 = dead); the target's (and its EMA's) PGD-10 on the validation split if any, else on
+    --eval-pgd-n test images, in the run's threat model."""
     (x_test, y_test), val = data["test"], data["val"]
     limit = args.batch_size if args.dry_run else len(y_test)
     common = dict(device=device, batch_size=max(args.batch_size, 256), channels_last=args.channels_last,
@@ -548,10 +584,13 @@ def evaluate_epoch(models, data, args, epoch, device, amp, fixed_shape):
                 row[f"{name}_pred_classes"] = len(pred.unique())
         x_pgd, y_pgd = val if val is not None else (x_test, y_test)
         n = min(args.eval_pgd_n, len(y_pgd), limit)
-        pgd10 = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=10, loss="ce", start="uniform")
-        robust = robust_mask(models["target"], x_pgd[:n], y_pgd[:n], pgd10, **common)
-        row["target_pgd_acc"] = robust.float().mean().item()
-    return row | {"pgd_split": "val" if val is not None else "test", "pgd_n": n}
+        pgd10 = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=10, loss="ce", start="uniform",
+                     norm=args.norm)
+        for name in ("target", "ema") if models.get("ema") is not None else ("target",):
+            torch.manual_seed(step_seed(args.seed, epoch, 1_000_000, 0))  # the same starts, and after a resume
+            robust = robust_mask(models[name], x_pgd[:n], y_pgd[:n], pgd10, **common)
+            row[f"{name}_pgd_acc"] = robust.float().mean().item()
+    return row | {"pgd_split": "val" if val is not None else "test", "pgd_n": n, "pgd_norm": args.norm}
 
 
 def collapse_warning(row, classes, first_target_epoch, steps_per_epoch, guide_warmup=0):
@@ -738,6 +777,7 @@ def resolve_resume(args, argv):
 
 CURVES = {"dynamic_label_acc": (0, "dynamic labels = y (train)"), "guide_clean_acc": (0, "guide, clean (test)"),
           "target_clean_acc": (0, "target, clean (test)"), "target_pgd_acc": (0, "target, PGD-10"),
+          "ema_clean_acc": (0, "target's EMA, clean (test)"), "ema_pgd_acc": (0, "target's EMA, PGD-10"),
           "loss_guide": (1, "guide loss L_g"), "loss_target": (1, "target loss")}  # metric: (panel, label)
 
 
@@ -750,7 +790,7 @@ def plot_curves(rows, path, args):
     for key, (panel, label) in CURVES.items():
         pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
-            split = f" ({rows[-1]['pgd_split']})" * (key == "target_pgd_acc")
+            split = f" ({rows[-1]['pgd_split']}, {rows[-1]['pgd_norm']})" * key.endswith("pgd_acc")
             (acc, loss)[panel].plot(*zip(*pts), marker="o" if panel == 0 else ".", label=label + split)
     for ax, r in ((ax, r) for r in rows if r.get("warning") for ax in (acc, loss)):
         ax.axvline(r["epoch"], color="red", linestyle="--", label="collapse warning" if ax is acc else "_nolegend_")
@@ -817,6 +857,7 @@ def train(args, ckpt=None):
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     soft = F.one_hot(labels, classes).float() if args.sat else None  # SAT's targets of every training image
+    ema, ema_steps = (copy.deepcopy(target).requires_grad_(False) if args.ema else None), 0  # --ema: evaluated only
     if args.compile:  # after the weights are final: nn.Module.compile keeps the state_dict keys plain
         for m in models:
             m.compile()
@@ -830,6 +871,9 @@ def train(args, ckpt=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         soft = None if soft is None else ckpt["sat_soft_labels"].to(device)
+        if ema is not None:
+            load_weights(ema, ckpt["ema"], f"{last_path} [ema]", log)
+            ema_steps = ckpt["ema_steps"]
         start_epoch, best_val = ckpt["epoch"] + 1, ckpt["best_val"]
         sums.update(ckpt["partial"] or {}, step=ckpt["step"])
         if ckpt.get("world", world) != world:  # allowed (the global batch is the same), but said
@@ -860,14 +904,15 @@ def train(args, ckpt=None):
         log("note: --amp fp16 has no fast kernels on a CPU (tens of times slower than bf16): use --amp bf16 or none")
     prov, flags = provenance(), Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     weights = lambda: {"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else None,
-                       "classes": classes, "args": vars(args), "provenance": prov}  # in every checkpoint
+                       "ema": ema and ema.state_dict(), "classes": classes, "args": vars(args),
+                       "provenance": prov}  # in every checkpoint
 
     def checkpoint(epoch_done, partial=None):  # last.pt: everything a resume needs (mid-epoch: `partial`)
         if main_process:
             write_atomic(last_path, lambda f: torch.save({
                 **weights(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
                 "step": int(partial["step"]) if partial else 0, "partial": partial, "best_val": best_val,
-                "world": world, "sat_soft_labels": soft}, f))
+                "world": world, "sat_soft_labels": soft, "ema_steps": ema_steps}, f))
 
     with stop_signals() as received:
         for epoch in range(start_epoch, last_epoch + 1):
@@ -889,6 +934,7 @@ def train(args, ckpt=None):
             for step in range(int(sums["step"]), len(batches)):
                 # every random draw of a step is a function of (seed, epoch, step): a resumed run continues exactly
                 torch.manual_seed(step_seed(args.seed, epoch, step, 0))
+                decay = min(args.ema, (1 + ema_steps) / (10 + ema_steps))  # ramped up as TF's EMA: (1 + t) / (10 + t)
                 x, y = sibling("data").train_batch(images, labels, batches[step], device, args.channels_last)
                 share = 1.0
                 if world > 1:  # the global batch augmented identically everywhere, then split; own attack seeds
@@ -899,7 +945,8 @@ def train(args, ckpt=None):
                                     share=share, world=world, sync_buffers=not args.sync_bn, clip=clip,
                                     stop_flags=[float(s in received) for s in STOP_SIGNALS] if world > 1 else (),
                                     soft_labels=soft if args.sat and paper_epoch >= args.sat_start else None,
-                                    batch=batches[step])
+                                    batch=batches[step], ema=(ema, decay) if ema and paper_epoch > 0 else None)
+                ema_steps += ema is not None and paper_epoch > 0
                 # the step's one host read, after the whole step is queued: the GPU works while the CPU waits here
                 values = dict(zip(STEP_STATS + STOP_FLAGS, values.tolist()))
                 for name in STEP_STATS:  # stop before anything is saved: last.pt stays the last good state
@@ -931,11 +978,12 @@ def train(args, ckpt=None):
                    "loss_target": sums["loss_target"] / n_steps if paper_epoch > 0 else None,
                    "dynamic_label_acc": sums["dyn_correct"] / sums["seen"] if guide is not None else None}
             if main_process and (epoch % args.eval_every == 0 or epoch == last_epoch):
-                row.update(evaluate_epoch(dict(guide=guide, target=target), data, args, epoch, device, amp,
+                row.update(evaluate_epoch(dict(guide=guide, target=target, ema=ema), data, args, epoch, device, amp,
                                           fixed_shape))
             else:
-                row.update(dict.fromkeys(("guide_clean_acc", "guide_pred_classes", "target_clean_acc",
-                                          "target_pred_classes", "target_pgd_acc", "pgd_split", "pgd_n")))
+                row.update(dict.fromkeys(f"{m}_{k}" for m in ("guide", "target", "ema") for k in ("clean_acc",
+                                                                                                  "pred_classes")))
+                row.update(dict.fromkeys(("target_pgd_acc", "ema_pgd_acc", "pgd_split", "pgd_n", "pgd_norm")))
             # the target is judged once it trains unhindered: after the guide's warm-up and --target-clip's epochs
             first_free = args.guide_warmup + 1 + (args.target_clip_epochs if args.target_clip > 0 else 0)
             row["warning"] = None if warned else collapse_warning(
@@ -957,7 +1005,7 @@ def train(args, ckpt=None):
                 if row["warning"]:
                     print(row["warning"], file=sys.stderr, flush=True)
             if world > 1:
-                sibling("models").check_replicas(models)
+                sibling("models").check_replicas(models + [ema] * (ema is not None))
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
             sums = new_sums()
     return 0

@@ -39,8 +39,10 @@ COLUMNS = {"clean": "Clean", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": 
            "aa": "AA"}
 # --resume refuses an out-dir evaluated with other values of these: they change the numbers.
 # batch_size too: AutoAttack draws its random starts per batch.
-SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "images_sha256", "n", "epsilon", "step_size", "restarts",
-            "seed", "amp", "batch_size", "device")  # device: another device's kernels round differently
+SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "images_sha256", "n", "norm", "epsilon", "step_size",
+            "restarts", "seed", "amp", "batch_size", "device")  # device: another device's kernels round differently
+MODELS = {"target": "target", "guide": "guide", "target-ema": "ema"}  # --model: the checkpoint's key
+NORMS = {"linf": "L-inf", "l2": "L2"}
 
 
 def get_parser():
@@ -48,11 +50,15 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("checkpoint", help="last.pt / best.pt written by dynat.py, or a plain state_dict (then --arch, --dataset)")
-    a("--model", default="target", choices=["target", "guide"], help="which model of the checkpoint: f_t or f_g")
+    a("--model", default="target", choices=list(MODELS),
+      help="which model of the checkpoint: f_t, f_g, or the average of f_t's weights (dynat.py --ema)")
     a("--attacks", default="clean,pgd10,pgd20,pgd50,cw20,aa",
       help="comma list of clean, pgdK, cwK (any K), apgd-ce, apgd-t, fab-t, square, aa; clean always runs")
-    a("--epsilon", type=dynat.fraction, default="8/255", help="L-inf radius epsilon, e.g. 8/255 or 0.031")
-    a("--step-size", type=dynat.fraction, default="2/255", help="PGD / C&W step size alpha")
+    a("--norm", default=None, choices=list(dynat.RADII), help="threat model (unset: the checkpoint's, else linf)")
+    # the radius and step depend on --norm: "%(default).0s" keeps argparse from appending "(default: None)"
+    a("--epsilon", type=dynat.fraction, default=None,
+      help="radius: 8/255 (L-inf; or 0.031), 128/255 (L2; RobustBench's leaderboard: 0.5)%(default).0s")
+    a("--step-size", type=dynat.fraction, default=None, help="PGD / C&W step: 2/255 (L-inf), 15/255 (L2)%(default).0s")
     a("--restarts", type=int, default=1, help="PGD / C&W random starts; robust = survives all of them")
     a("--seed", type=int, default=0, help="seed of the random starts (every attack is reseeded with it)")
     a("--n", type=int, default=None, help="evaluate the first N test images (unset: the whole test set)")
@@ -111,32 +117,36 @@ def file_sha256(path):
 # ----------------------------------------------------------------------------- model and data
 
 def resolve_checkpoint(args, log):
-    """(state_dict, arch, dataset, data_dir, classes) of the model to evaluate; classes None = the data's."""
+    """(state_dict, arch, dataset, data_dir, classes, norm) of the model to evaluate; classes None = the data's,
+    norm the one it was trained against (None: unknown)."""
     ckpt = dynat.load_checkpoint(args.checkpoint)
     if not isinstance(ckpt, dict):
         raise dynat.UsageError(f"{args.checkpoint}: not a checkpoint (holds a {type(ckpt).__name__})")
     if "args" in ckpt:  # written by dynat.py: architecture, data and class count come from its flags
         try:
             saved = ckpt["args"]
-            state, arch, classes = ckpt[args.model], args.arch or saved[args.model], ckpt["classes"]
+            key = MODELS[args.model]
+            state, classes = ckpt.get(key), ckpt["classes"]
+            arch = args.arch or saved["guide" if key == "guide" else "target"]
             dataset, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
         except (KeyError, TypeError) as e:
             raise dynat.UsageError(f"{args.checkpoint}: not a dynat.py checkpoint (no {e})")
         if state is None:
-            raise dynat.UsageError(f"{args.checkpoint} holds no {args.model} model (trained with --labels true)")
-        return state, arch, dataset, data_dir, classes
+            why = "trained with --labels true" if key == "guide" else "trained without --ema"
+            raise dynat.UsageError(f"{args.checkpoint} holds no {args.model} model ({why})")
+        return state, arch, dataset, data_dir, classes, saved.get("norm", "linf")
     # A plain state_dict from another codebase: the user says what it is.
     if not (args.arch and args.dataset):
         raise dynat.UsageError(f"{args.checkpoint} is a plain state_dict (no saved args): pass --arch and --dataset")
     if isinstance(ckpt.get("state_dict"), dict):
         log(f"{args.checkpoint}: using its 'state_dict' entry")
         ckpt = ckpt["state_dict"]
-    return ckpt, args.arch, args.dataset, args.data_dir or "./data", None
+    return ckpt, args.arch, args.dataset, args.data_dir or "./data", None, None
 
 
 # ----------------------------------------------------------------------------- attacks
 
-def autoattack(model, x, y, robust, name, *, epsilon, seed, batch_size, device, classes, state_path, progress):
+def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, device, classes, state_path, progress):
     """Robust flags under AutoAttack "standard" (name "aa") or one of its stages, in float32.
 
     This is run_standard_evaluation's own loop, one library call per batch and stage: each stage
@@ -151,7 +161,8 @@ def autoattack(model, x, y, robust, name, *, epsilon, seed, batch_size, device, 
         with open(state_path) as f:
             state = json.load(f)
     robust = torch.tensor(state["robust"])
-    aa = pyautoattack.AutoAttack(model, norm="Linf", eps=epsilon, version="standard", seed=seed, device=device)
+    aa = pyautoattack.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=epsilon, version="standard",
+                                 seed=seed, device=device)
     # The standard 9 target classes need 10 classes; with fewer, APGD-T/FAB-T would index past the logits.
     aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, classes - 1)
     stages = AA_STAGES if name == "aa" else [name]
@@ -223,18 +234,37 @@ def save_outputs(out_dir, meta, masks, seconds, complete):
                    seconds={a: round(s, 3) for a, s in seconds.items()}, complete=complete)
     dynat.write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(results, f, indent=1), "w")
     lines = table(meta, accuracy, mean, worst)
-    header = (f"{meta['dataset']}, first {meta['n']} of {meta['n_test']} test images, L-inf eps = "
+    header = (f"{meta['dataset']}, first {meta['n']} of {meta['n_test']} test images, {NORMS[meta['norm']]} eps = "
               f"{dynat.fmt_fraction(meta['epsilon'])}{pgd_settings(meta)}, seed {meta['seed']}; accuracy in %; precision: "
               + ", ".join(f"{column(a)} {p}" for a, p in meta["precision"].items()))
     dynat.write_atomic(os.path.join(out_dir, "results.md"), lambda f: f.write("\n".join([header, ""] + lines) + "\n"), "w")
     return header, lines
 
 
+def robustbench_info(out_dir, meta, masks):
+    """robustbench_model_info.json: clean and AutoAttack accuracy on the full test set in the shape of
+    RobustBench's model_info entries (RobustBench/robustbench, model_info/<dataset>/<Linf|L2>/<name>.json);
+    returns the line that says what is left to fill in."""
+    architecture = {"resnet18": "ResNet-18"}.get(meta["arch"], "WideResNet-" + "-".join(meta["arch"].split("-")[1:]))
+    eps = dynat.fmt_fraction(meta["epsilon"]) if meta["norm"] == "linf" else f"{meta['epsilon']:g}"
+    info = {"link": "", "name": "", "authors": "", "additional_data": False, "number_forward_passes": 1,
+            "dataset": meta["dataset"], "venue": "", "architecture": architecture, "eps": eps,
+            "clean_acc": f"{100 * masks['clean'].double().mean().item():.2f}", "reported": "",
+            "autoattack_acc": f"{100 * masks['aa'].double().mean().item():.2f}", "footnote": ""}
+    path = os.path.join(out_dir, "robustbench_model_info.json")
+    dynat.write_atomic(path, lambda f: json.dump(info, f, indent=4), "w")
+    board = {"linf": "8/255", "l2": "0.5"}[meta["norm"]]
+    return (f"wrote {path} for RobustBench's {NORMS[meta['norm']]} leaderboard: fill in "
+            "link, name, authors, venue, reported (your paper's figure) and footnote; additional_data false (dynat.py "
+            "trains on the training set alone)" + ("" if eps == board else f"; note: the leaderboard's eps is {board}, "
+                                                   f"this evaluation's {eps}"))
+
+
 # ----------------------------------------------------------------------------- main
 
 def load_model(args, device, log):
     """The model to evaluate (eval mode, frozen, on the device) and its test images (uint8, on the CPU)."""
-    state, arch, dataset, data_dir, classes = resolve_checkpoint(args, log)
+    state, arch, dataset, data_dir, classes, norm = resolve_checkpoint(args, log)
     data = dynat.checked(dynat.sibling("data").load_data, dataset, data_dir, args.workers)
     if classes is not None and classes != data["classes"]:
         raise dynat.UsageError(f"{args.checkpoint} has {classes} classes, {dataset} at {data_dir} "
@@ -257,7 +287,7 @@ def load_model(args, device, log):
     probe = dynat.sibling("data").to_input(x_test[:args.batch_size], device)
     if x_test.dtype != torch.uint8 or probe.min() < 0 or probe.max() > 1:
         raise dynat.UsageError(f"{dataset}: test inputs are not [0, 1] pixels (dtype {x_test.dtype})")
-    return model, arch, dataset, data["classes"], x_test, y_test
+    return model, arch, dataset, data["classes"], x_test, y_test, norm
 
 
 def open_out_dir(args, meta, attacks):
@@ -298,12 +328,12 @@ def attack(name, model, x, y, clean, args, out_dir, progress, amp, classes, **co
     column does not depend on which attacks ran before it or on a resume). PGD and C&W run in `amp`."""
     torch.manual_seed(args.seed)
     if name in AUTOATTACK:
-        return autoattack(model, x, y, clean, name, epsilon=args.epsilon, seed=args.seed, batch_size=args.batch_size,
-                          device=common["device"], classes=classes, progress=progress,
+        return autoattack(model, x, y, clean, name, norm=args.norm, epsilon=args.epsilon, seed=args.seed,
+                          batch_size=args.batch_size, device=common["device"], classes=classes, progress=progress,
                           state_path=os.path.join(out_dir, f"autoattack_{name}.json"))
     loss, steps = re.fullmatch(r"(pgd|cw)(\d+)", name).groups()
     settings = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=int(steps),
-                    loss="ce" if loss == "pgd" else "cw", start="uniform")
+                    loss="ce" if loss == "pgd" else "cw", start="uniform", norm=args.norm)
     with progress(0, column(name)) as bar, dynat.autocast(common["device"], amp):
         return dynat.robust_mask(model, x, y, settings, clean=clean, restarts=args.restarts, progress=bar, **common)
 
@@ -328,7 +358,6 @@ def run(args):
     from tqdm import tqdm
 
     log = lambda *a: print(*a, flush=True)
-    dynat.require(args, ("epsilon", "step_size"), lambda v: 0 < v <= 1, "in (0, 1] (pixels are in [0, 1])")
     dynat.require(args, ("n", "restarts", "batch_size"), lambda v: v >= 1, ">= 1")
     dynat.require(args, ("workers",), lambda v: v >= 0, ">= 0")
     if args.amp == "fp16":
@@ -340,21 +369,28 @@ def run(args):
     configure_backends()
     _, _, device = dynat.init_processes(args.device)
     amp = dynat.amp_dtype(args.amp, device)
-    model, arch, dataset, classes, x_test, y_test = load_model(args, device, log)
+    model, arch, dataset, classes, x_test, y_test, trained_norm = load_model(args, device, log)
+    # the threat model: the checkpoint's unless given; its radius and step by default
+    c = dynat.Config(norm=args.norm or trained_norm or "linf", epsilon=args.epsilon, step_size=args.step_size)
+    args.norm, args.epsilon, args.step_size = c.norm, c.epsilon, c.step_size
+    top = 1 if args.norm == "linf" else 100
+    dynat.require(args, ("epsilon", "step_size"), lambda v: 0 < v <= top, f"in (0, {top}] (pixels are in [0, 1])")
     n = min(args.n or len(y_test), len(y_test))
     x, y = x_test[:n], y_test[:n]
     attack_precision = "bf16" if amp is not None else "float32"
     meta = {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint),
             "model": args.model, "arch": arch, "dataset": dataset, "images_sha256": images_sha256(x, y),
             "classes": classes, "n": n, "n_test": len(y_test),
-            "epsilon": args.epsilon, "step_size": args.step_size, "restarts": args.restarts, "seed": args.seed,
+            "norm": args.norm, "epsilon": args.epsilon, "step_size": args.step_size, "restarts": args.restarts,
+            "seed": args.seed,
             "amp": args.amp, "batch_size": args.batch_size, "attacks": ["clean"] + attacks, "device": str(device),
             "precision": {a: "float32" if a == "clean" or a in AUTOATTACK else attack_precision
                           for a in ["clean"] + attacks},
             **provenance()}
     out_dir, done, seconds = open_out_dir(args, meta, attacks)
     log(f"evaluating {meta['checkpoint']} [{args.model}: {arch}] on {dataset}: first {n} of {len(y_test)} test "
-        f"images, eps {dynat.fmt_fraction(args.epsilon)}{pgd_settings(meta)}, seed {args.seed}, {device}, precision "
+        f"images, {NORMS[args.norm]} eps {dynat.fmt_fraction(args.epsilon)}{pgd_settings(meta)}, seed {args.seed}, "
+        f"{device}, precision "
         f"{', '.join(f'{column(a)} {p}' for a, p in meta['precision'].items())} -> {out_dir}")
     progress = lambda total, desc: tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True,
                                         disable=not sys.stderr.isatty())
@@ -382,6 +418,8 @@ def run(args):
     header, lines = save_outputs(out_dir, meta, masks, seconds, complete=True)
     log("\n" + header + "\n" + "\n".join(lines))
     log(f"wrote {out_dir}/results.md, results.json, per_example.npz")
+    if "aa" in attacks and n == len(y_test) and dataset in ("cifar10", "cifar100"):
+        log(robustbench_info(out_dir, meta, masks))
     return 0
 
 

@@ -524,13 +524,18 @@ def test_learning_rate_milestones_scale_with_epochs(epoch, lr):
 
 
 def test_config_defaults_are_the_flags_defaults():
-    """One home for each default: the parser takes the algorithm's from Config (--help shows 8/255)."""
+    """One home for each default: the parser takes the algorithm's from Config; the radius and step, by --norm."""
     args, c = dynat.get_parser().parse_args([]), dynat.Config()
+    dynat.validate_args(args)  # fills in --epsilon and --step-size from Config's threat-model defaults
     for f in dataclasses.fields(dynat.Config):
         if f.name not in ("awp", "fat_tau"):  # --awp: a switch, off as Config's; --fat-tau: a schedule, off as -1
             assert getattr(args, f.name) == getattr(c, f.name), f.name
-    assert not args.awp and not c.awp and args.epsilon == 8 / 255
-    assert "(default: 8/255)" in " ".join(dynat.get_parser().format_help().split())
+    assert not args.awp and not c.awp and args.epsilon == 8 / 255 and args.step_size == 2 / 255
+    l2 = dynat.get_parser().parse_args(["--norm", "l2"])
+    dynat.validate_args(l2)
+    assert (l2.epsilon, l2.step_size) == (128 / 255, 15 / 255) == (dynat.Config(norm="l2").epsilon, 15 / 255)
+    assert "8/255 (L-inf; the paper writes 0.031), 128/255 (L2)" in " ".join(dynat.get_parser().format_help().split())
+    assert "None" not in dynat.get_parser().format_help()
 
 
 # ----------------------------------------------------------------------------- 9. models
