@@ -331,13 +331,7 @@ def floor_pieces(target, guide, next_batch, settings, amp, device, ema=None):
     pieces["guide fwd+bwd"] = (guide_fwd_bwd, 1)
 
     if ema is not None:  # --ema: not a pass of the algorithm, the update that follows the step
-        def ema_update():
-            with torch.no_grad():
-                for p_ema, p in zip(ema[0].parameters(), target.parameters()):
-                    p_ema.lerp_(p, 1 - ema[1])
-                for b_ema, b in zip(ema[0].buffers(), target.buffers()):
-                    b_ema.copy_(b)
-        pieces["target EMA update"] = (ema_update, 1)
+        pieces["target EMA update"] = (lambda: dynat.update_ema(ema[0], target, ema[1]), 1)
 
     if settings.awp:
         weights = [p for p in target.parameters() if p.ndim > 1]

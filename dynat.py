@@ -467,6 +467,16 @@ def step_seed(seed, epoch, step, rank):
     return (((seed * 100_003 + epoch) * 1_000_003 + step) * 1_009 + rank) % (2 ** 63)
 
 
+def update_ema(average, model, decay):
+    """--ema after a step: average's parameters <- decay * average + (1 - decay) * model's; its BatchNorm statistics
+    are the model's own, copied, as the EMA of DM-Improves-AT and adversarial_robustness_pytorch does (update_bn)."""
+    with torch.no_grad():
+        for p_ema, p in zip(average.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1 - decay)
+        for b_ema, b in zip(average.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
 STEP_STATS = ("loss_guide", "loss_target", "loss_iseat", "dyn_correct")  # summed over an epoch's steps
 STOP_SIGNALS, STOP_FLAGS = (signal.SIGINT, signal.SIGTERM), ("stop_sigint", "stop_sigterm")
 
@@ -506,12 +516,8 @@ def train_step(target, guide, optimizer, scaler, x, y, cfg, *, amp=None, guide_o
         torch.nn.utils.clip_grad_norm_(*clip)
     scaler.step(optimizer)
     scaler.update()
-    if ema is not None:  # parameters averaged; BatchNorm statistics the target's own, as DeepMind's and DM-AT's EMA
-        with torch.no_grad():
-            for p_ema, p in zip(ema[0].parameters(), target.parameters()):
-                p_ema.lerp_(p, 1 - ema[1])
-            for b_ema, b in zip(ema[0].buffers(), target.buffers()):
-                b_ema.copy_(b)
+    if ema is not None:
+        update_ema(ema[0], target, ema[1])
     zero = stats["loss_guide"].new_zeros(())  # zero + flag: a fill on the device, not a copy that waits for it
     values = torch.stack([stats.get(k, zero).float() * (share if k.startswith("loss") else 1.0) for k in STEP_STATS]
                          + [zero + flag for flag in stop_flags])
@@ -904,7 +910,7 @@ def train(args, ckpt=None):
         log("note: --amp fp16 has no fast kernels on a CPU (tens of times slower than bf16): use --amp bf16 or none")
     prov, flags = provenance(), Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     weights = lambda: {"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else None,
-                       "ema": ema and ema.state_dict(), "classes": classes, "args": vars(args),
+                       "ema": None if ema is None else ema.state_dict(), "classes": classes, "args": vars(args),
                        "provenance": prov}  # in every checkpoint
 
     def checkpoint(epoch_done, partial=None):  # last.pt: everything a resume needs (mid-epoch: `partial`)
@@ -945,7 +951,7 @@ def train(args, ckpt=None):
                                     share=share, world=world, sync_buffers=not args.sync_bn, clip=clip,
                                     stop_flags=[float(s in received) for s in STOP_SIGNALS] if world > 1 else (),
                                     soft_labels=soft if args.sat and paper_epoch >= args.sat_start else None,
-                                    batch=batches[step], ema=(ema, decay) if ema and paper_epoch > 0 else None)
+                                    batch=batches[step], ema=(ema, decay) if ema is not None and paper_epoch > 0 else None)
                 ema_steps += ema is not None and paper_epoch > 0
                 # the step's one host read, after the whole step is queued: the GPU works while the CPU waits here
                 values = dict(zip(STEP_STATS + STOP_FLAGS, values.tolist()))

@@ -250,7 +250,7 @@ def robustbench_info(out_dir, meta, masks):
     info = {"link": "", "name": "", "authors": "", "additional_data": False, "number_forward_passes": 1,
             "dataset": meta["dataset"], "venue": "", "architecture": architecture, "eps": eps,
             "clean_acc": f"{100 * masks['clean'].double().mean().item():.2f}", "reported": "",
-            "autoattack_acc": f"{100 * masks['aa'].double().mean().item():.2f}", "footnote": ""}
+            "autoattack_acc": f"{100 * masks['aa'].double().mean().item():.2f}", "footnote": "", "unreliable": False}
     path = os.path.join(out_dir, "robustbench_model_info.json")
     dynat.write_atomic(path, lambda f: json.dump(info, f, indent=4), "w")
     board = {"linf": "8/255", "l2": "0.5"}[meta["norm"]]

@@ -994,3 +994,64 @@ def test_float32_training_runs_without_tf32():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# ----------------------------------------------------------------------------- 14. the L2 threat model
+
+@pytest.mark.parametrize("loss", ["ce", "kl", "cw"])
+@pytest.mark.parametrize("start", ["normal", "uniform"])
+def test_l2_every_iterate_stays_in_the_ball_and_the_box(loss, start):
+    """perturb with K = k returns the k-th iterate of a longer run with the same seed: each one, per example,
+    within the L2 ball (to rounding) and the [0, 1] box; and the attack moves."""
+    target, _ = make_models()
+    x, y = make_batch()
+    x[0, 0, :4], x[1, 1, :4] = 0.0, 1.0  # pixels at the box edges
+    eps = 0.5
+    for k in range(5):
+        torch.manual_seed(0)
+        x_k, _ = dynat.perturb(target, x, y, epsilon=eps, step_size=0.2, num_steps=k, loss=loss, start=start, norm="l2")
+        norms = (x_k - x).flatten(1).norm(dim=1)
+        assert (norms <= eps * (1 + 1e-5)).all(), (k, norms.max())
+        assert x_k.min() >= 0 and x_k.max() <= 1
+    assert (norms > eps / 2).all()  # 4 steps of 0.2 reach well into the ball
+    torch.manual_seed(0)
+    x_start, _ = dynat.perturb(target, x, y, epsilon=eps, step_size=0.2, num_steps=0, start=start, norm="l2")
+    if start == "uniform":  # a random direction at a radius U(0, eps): inside, not on the sphere
+        r = (x_start - x).flatten(1).norm(dim=1)
+        assert (r < eps).all() and r.std() > 0.01
+
+
+def test_l2_epsilon_zero_returns_x_and_no_step_returns_a_valid_start():
+    target, _ = make_models()
+    x, y = make_batch()
+    for start in ("normal", "uniform"):
+        x_adv, _ = dynat.perturb(target, x, y, epsilon=0.0, step_size=0.2, num_steps=3, start=start, norm="l2")
+        assert torch.equal(x_adv, x)
+    x_adv, kappa = dynat.perturb(target, x, y, epsilon=0.5, step_size=0.2, num_steps=0, norm="l2")
+    assert torch.isfinite(x_adv).all() and (x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 and not kappa.any()
+
+
+def test_l2_steps_go_along_the_normalised_gradient():
+    """A linear model's CE gradient direction: one L2 step from the start moves x by step * g / ||g|| where
+    neither the ball nor the box binds (nor the sign of L-inf's step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x, y = 0.3 + 0.4 * torch.rand(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    torch.manual_seed(1)
+    start, _ = dynat.perturb(model, x, y, epsilon=10.0, step_size=0.05, num_steps=0, norm="l2")
+    torch.manual_seed(1)
+    one, _ = dynat.perturb(model, x, y, epsilon=10.0, step_size=0.05, num_steps=1, norm="l2")
+    s = start.clone().requires_grad_(True)
+    g, = torch.autograd.grad(F.cross_entropy(model(s), y, reduction="sum"), s)
+    expected = start + 0.05 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(one, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_dynat_loss_attacks_in_the_l2_ball_with_its_default_radius(spy, inner):
+    target, guide = make_models()
+    x, y = make_batch()
+    loss, _, _, _ = call_loss(target, guide, x, y, norm="l2", inner=inner, epsilon=None, step_size=None)
+    assert torch.isfinite(loss) and spy["attack"]["norm"] == "l2" and spy["attack"]["loss"] == ("ce" if inner else "kl")
+    assert (spy["attack"]["epsilon"], spy["attack"]["step_size"]) == (128 / 255, 15 / 255)
+    assert (spy["x_adv"] - x).flatten(1).norm(dim=1).max() <= 128 / 255 * (1 + 1e-5)

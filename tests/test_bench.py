@@ -49,7 +49,7 @@ def test_counted_flops_of_a_step_equal_the_pass_count(kw, target_passes):
 def test_bench_json_on_cpu_reports_flops_and_mfu_for_our_rows():
     proc = subprocess.run([sys.executable, "bench.py", "--target", "wrn-10-1", "--guide", "wrn-10-1", "--batch-size", "8",
                            "--num-steps", "1", "--amp", "none,bf16", "--steps", "1", "--warmup", "0", "--inner", "--awp",
-                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           "--ema", "0.99", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -61,7 +61,7 @@ def test_bench_json_on_cpu_reports_flops_and_mfu_for_our_rows():
         assert r["datasheet_peak_tflops"] is None  # a CPU: no datasheet
         pieces = r["floor_pieces"]
         assert pieces["target fwd+input-grad"]["passes"] == 1 and "target clean fwd (BN statistics)" in pieces
-        assert "AWP target fwd+weight-grad" in pieces
+        assert "AWP target fwd+weight-grad" in pieces and pieces["target EMA update"]["passes"] == 1
     assert result["env"]["commit"] and result["env"]["torch"] == str(torch.__version__)
 
 

@@ -431,3 +431,105 @@ def test_autoattack_only_header_has_no_pgd_step_and_synthetic_data_no_chance_war
     assert "step 2/255" in evaluate.pgd_settings(dict(meta, attacks=["clean", "pgd20"]))
     rc, out, _ = run_eval(capsys, synthetic_ckpt, "--attacks", "clean", "--n", "16", "--out-dir", tmp_path)
     assert rc == 0 and "near chance" not in out and "step" not in out.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- L2, the EMA, RobustBench's form
+
+def save_variant(folder, path, **changes):
+    """The fixture's checkpoint with some entries changed (e.g. the args of an L2 run, an EMA model)."""
+    ckpt = torch.load(folder["ckpt"], weights_only=True)
+    ckpt.update(changes)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_l2_checkpoints_are_attacked_in_the_l2_ball_and_results_name_the_norm(folder, capsys, tmp_path, monkeypatch):
+    """A checkpoint trained with --norm l2 is evaluated under L2 by default: radius 128/255 and step 15/255, PGD
+    through dynat.perturb with norm="l2", AutoAttack with norm="L2" (its flags those of the library's own call)."""
+    ckpt = save_variant(folder, tmp_path / "l2.pt", args=checkpoint_args(dataset="imagefolder", data_dir=folder["root"],
+                                                                          target="wrn-10-1", labels="true", norm="l2"))
+    norms, real = [], dynat.perturb
+    monkeypatch.setattr(dynat, "perturb", lambda *a, **kw: norms.append((kw["norm"], kw["epsilon"])) or real(*a, **kw))
+    rc, out, err = run_eval(capsys, ckpt, "--attacks", "pgd2", "--n", "8", "--out-dir", tmp_path / "pgd")
+    assert rc == 0, err
+    results = outputs(tmp_path / "pgd")[0]
+    assert (results["norm"], results["epsilon"], results["step_size"]) == ("l2", 128 / 255, 15 / 255)
+    assert set(norms) == {("l2", 128 / 255)}
+    with open(tmp_path / "pgd" / "results.md") as f:
+        assert "L2 eps = 128/255" in f.read()
+    x, y = folder["x"][:8], folder["y"][:8]
+    adversary = pyautoattack.AutoAttack(folder["model"], norm="L2", eps=0.08, version="standard", seed=0, device="cpu")
+    adversary.attacks_to_run = ["apgd-ce"]
+    reference = (adversary.run_standard_evaluation(x, y, batch_size=8)[1] == y).tolist()
+    assert 0 < sum(reference) < 8  # L-inf 0.08 would break every point
+    rc, _, err = run_eval(capsys, ckpt, "--attacks", "apgd-ce", "--n", "8", "--epsilon", "0.08", "--out-dir",
+                          tmp_path / "aa")
+    assert rc == 0, err
+    assert outputs(tmp_path / "aa")[1]["apgd-ce"].tolist() == reference
+
+
+def test_the_norm_alone_changes_the_default_out_dir(folder, capsys, tmp_path):
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(folder["ckpt"].read_bytes())
+    dirs = set()
+    for norm in ("linf", "l2"):
+        rc, out, err = run_eval(capsys, ckpt, "--norm", norm, "--epsilon", EPS, "--step-size", "1/255",
+                                "--attacks", "pgd1", "--n", "4")
+        assert rc == 0, err
+        out_dir = out.split("-> ")[1].splitlines()[0].strip()
+        assert outputs(out_dir)[0]["norm"] == norm
+        dirs.add(out_dir)
+    assert len(dirs) == 2
+
+
+def test_target_ema_evaluates_the_average_and_a_run_without_one_says_so(folder, capsys, tmp_path):
+    ema = {k: v.clone() for k, v in folder["model"].state_dict().items()}
+    ema["fc.bias"][0] += 100  # the average predicts class 0 everywhere: 16 of the 64 test images
+    ckpt = save_variant(folder, tmp_path / "ema.pt", ema=ema)
+    results = {}
+    for model in ("target", "target-ema"):
+        rc, _, err = run_eval(capsys, ckpt, "--model", model, "--attacks", "clean", "--out-dir", tmp_path / model)
+        assert rc == 0, err
+        results[model] = outputs(tmp_path / model)[0]
+    assert results["target-ema"]["accuracy"]["clean"] == 0.25 and results["target"]["accuracy"]["clean"] > 0.8
+    assert results["target-ema"]["model"] == "target-ema"
+    rc, _, err = run_eval(capsys, folder["ckpt"], "--model", "target-ema", "--out-dir", tmp_path / "none")
+    assert_usage_error(rc, err)
+    assert "holds no target-ema model (trained without --ema)" in err
+
+
+ROBUSTBENCH_FIELDS = {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                      "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote", "unreliable"}
+
+
+def test_autoattack_on_a_whole_cifar_test_set_writes_robustbench_model_info(folder, capsys, tmp_path, monkeypatch):
+    """Clean and AA on every test image of CIFAR-10 (here: the fixture's 16 first images under that name) give
+    robustbench_model_info.json with RobustBench's fields; a subset of the test set gives none."""
+    data = dynat.sibling("data")
+    real = data.load_data
+
+    def fake_cifar10(dataset, data_dir, *a, **kw):
+        out = real("imagefolder", str(folder["root"]), 0)
+        out["test"] = tuple(t[::4] for t in out["test"])  # 16 images, 4 per class
+        return out
+    monkeypatch.setattr(data, "load_data", fake_cifar10)
+    common = [folder["ckpt"], "--dataset", "cifar10", "--attacks", "aa"]
+    rc, out, err = run_eval(capsys, *common, "--out-dir", tmp_path / "full")
+    assert rc == 0, err
+    results = outputs(tmp_path / "full")[0]
+    with open(tmp_path / "full" / "robustbench_model_info.json") as f:
+        info = json.load(f)
+    assert set(info) == ROBUSTBENCH_FIELDS and "fill in" in out
+    assert (info["dataset"], info["eps"], info["architecture"]) == ("cifar10", "8/255", "WideResNet-10-1")
+    assert info["clean_acc"] == f"{100 * results['accuracy']['clean']:.2f}"
+    assert info["autoattack_acc"] == f"{100 * results['accuracy']['aa']:.2f}"
+    assert info["additional_data"] is False and info["number_forward_passes"] == 1 and info["venue"] == ""
+    rc, _, err = run_eval(capsys, *common, "--n", "15", "--out-dir", tmp_path / "part")
+    assert rc == 0, err
+    assert not os.path.exists(tmp_path / "part" / "robustbench_model_info.json")
+    assert evaluate.robustbench_info(tmp_path, dict(results, norm="l2", epsilon=0.5, arch="resnet18"),
+                                     {"clean": torch.ones(4, dtype=torch.bool), "aa": torch.zeros(4, dtype=torch.bool)})
+    with open(tmp_path / "robustbench_model_info.json") as f:
+        info = json.load(f)
+    assert (info["eps"], info["architecture"], info["clean_acc"], info["autoattack_acc"]) == ("0.5", "ResNet-18",
+                                                                                              "100.00", "0.00")

@@ -230,6 +230,35 @@ def test_sat_keeps_every_images_targets_from_its_start_epoch_on_and_in_last_pt(t
     assert torch.equal(torch.load(out / "last.pt", weights_only=True)["sat_soft_labels"], soft)
 
 
+def test_ema_averages_the_targets_weights_leaves_its_training_alone_and_is_evaluated(tmp_path, monkeypatch):
+    """--ema: after each of the target's steps p_ema <- d p_ema + (1 - d) p with d = min(decay, (1 + t) / (10 + t))
+    (none during the guide's warm-up), BatchNorm statistics the target's; the target trains bitwise as without
+    it; each metrics row has the EMA's clean and PGD-10 accuracy; last.pt holds it."""
+    argv = ["--dataset", "synthetic", "--train-size", "160", "--batch-size", "32", "--epochs", "2", "--inner",
+            "--guide-warmup", "1", "--deterministic", *TINY]
+    assert dynat.main(argv + ["--out-dir", str(tmp_path / "plain")]) == 0
+    states = []
+    spy_steps(monkeypatch, after=lambda call: states.append((copy.deepcopy(call["target"].state_dict()),
+                                                              None if call["ema"] is None else call["ema"][1])))
+    assert dynat.main(argv + ["--ema", "0.9", "--out-dir", str(tmp_path / "ema")]) == 0
+    plain, ema = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("plain", "ema"))
+    assert all(torch.equal(v, plain["target"][k]) for k, v in ema["target"].items())  # the target: untouched by --ema
+    decays = [d for _, d in states]
+    assert decays[:5] == [None] * 5 and decays[5:] == [min(0.9, (1 + t) / (10 + t)) for t in range(10)]
+    torch.manual_seed(0)
+    average = {k: v.clone() for k, v in dynat.sibling("models").build_model("wrn-10-1", 10).state_dict().items()}
+    for state, d in states[5:]:  # the recurrence by hand, in the order of the steps
+        for k, v in state.items():
+            average[k] = d * average[k] + (1 - d) * v if "running" not in k and "num_batches" not in k else v
+    for k, v in ema["ema"].items():
+        torch.testing.assert_close(v, average[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert ema["ema_steps"] == 10 and plain["ema"] is None
+    with open(tmp_path / "ema" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert all(isinstance(r["ema_clean_acc"], float) and isinstance(r["ema_pgd_acc"], float) for r in rows)
+    assert rows[-1]["pgd_norm"] == "linf"
+
+
 # ----------------------------------------------------------------------------- collapse detection
 
 class ChannelGuide(nn.Module):

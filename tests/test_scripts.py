@@ -71,7 +71,7 @@ def metrics(out):
 
 def weights(path):
     ckpt = torch.load(path, weights_only=True)
-    return {f"{m}.{k}": v for m in ("target", "guide") if ckpt[m] is not None for k, v in ckpt[m].items()}
+    return {f"{m}.{k}": v for m in ("target", "guide", "ema") if ckpt.get(m) is not None for k, v in ckpt[m].items()}
 
 
 def assert_same_weights(a, b):
@@ -128,7 +128,7 @@ def wait_for_epoch(proc, path, epoch, timeout=120):
     raise TimeoutError(path)
 
 
-VARIANTS = ("--awp", "--awp-warmup", "1", "--reweight", "mail", "--reweight-start", "2")
+VARIANTS = ("--awp", "--awp-warmup", "1", "--reweight", "mail", "--reweight-start", "2", "--ema", "0.9")
 WARMUP = ("--guide-warmup", "1", "--inner")  # stopped right after the guide's warm-up epoch
 
 
@@ -278,7 +278,7 @@ def torchrun(args, nproc=2):
 def test_two_processes_keep_replicas_identical_and_resume(folder, tmp_path):
     # dynat.py itself compares every parameter and buffer with rank 0's after each epoch
     # (check_replicas) and fails the run if they differ; AWP is where replicas would drift.
-    extra = ("--epochs", "2", "--inner", "--awp", "--awp-warmup", "1", "--deterministic")
+    extra = ("--epochs", "2", "--inner", "--awp", "--awp-warmup", "1", "--deterministic", "--ema", "0.9")
     full = tmp_path / "full"
     r = torchrun(train_args(folder, full, *extra))
     assert r.returncode == 0, r.stderr[-3000:]
