@@ -21,11 +21,14 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import glob
 import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,8 +41,13 @@ class UsageError(Exception):
     """Bad input: the scripts print the message on one line and exit with code 2."""
 
 
-class NonFiniteLoss(Exception):
-    """A loss became inf/nan: the run stops, last.pt keeps the last good state."""
+class Stopped(Exception):
+    """A run cannot go on (a loss or a weight became inf/nan, a write failed): one line, exit 1; last.pt keeps the
+    last good state."""
+
+
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once, exit 128 + signum."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -140,7 +148,8 @@ def get_parser():
     a("--workers", type=int, default=2, help="processes decoding an ImageFolder once at start-up")
     a("--out-dir", default="runs/dynat", help="where metrics, curves and checkpoints go")
     a("--overwrite", action="store_true", help="allow writing into a non-empty --out-dir")
-    a("--resume", default=None, metavar="DIR", help="continue the run in DIR from DIR/last.pt%(default).0s")
+    a("--resume", default=None, metavar="DIR", help="continue the run in DIR from DIR/last.pt; auto: continue the run "
+      "in --out-dir if it holds one (the same flags), else start it (for torchrun --max-restarts, requeues)%(default).0s")
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (and always at the last)")
     a("--eval-pgd-n", type=int, default=1000, help="images of the per-epoch PGD-10 check")
     a("--dry-run", action="store_true", help="one batch per epoch and one evaluation batch (smoke tests)")
@@ -649,17 +658,70 @@ def load_weights(model, state_dict, source, log=print):
         log(f"{source}: {note}")
 
 
+def save_checkpoint(path, ckpt):
+    """ckpt sealed (on the CPU, its SHA-256 inside) and written atomically; one with inf or nan is never written."""
+    try:
+        sealed = sibling("models").seal(ckpt)
+    except ValueError as e:
+        kept = f"{path} keeps the last good state" if os.path.isfile(path) else f"no {os.path.basename(path)} yet"
+        raise Stopped(f"{e}: not saved; {kept}") from None
+    write_atomic(path, lambda f: torch.save(sealed, f))
+
+
 def write_atomic(path, write, mode="wb"):
-    """write(file) into a temp file, fsync, rename: a kill at any moment leaves the old file whole."""
+    """write(file) into a temp file, fsync, rename: a kill at any moment leaves the old file whole (own_out_dir
+    removes a killed writer's temp file). A failed write (a full disk) is Stopped, the old file kept."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+            raise Stopped(f"{path}: {e.strerror or e} while writing it; {kept}") from None
+        raise
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself, durable
+    finally:
+        os.close(fd)
+
+
+LOCK = ".lock"  # in an out-dir: who holds it
+
+
+@contextlib.contextmanager
+def own_out_dir(path, who):
+    """Create `path` and hold it for the `with`: a second run or evaluation into it is refused while this process
+    lives (an flock, which the kernel drops when a process dies, so a dead run's lock never blocks). Holding it,
+    temp files of dead writers (write_atomic's *.tmpPID) are removed."""
+    try:
+        os.makedirs(path, exist_ok=True)  # a file there: FileExistsError
+        fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write there ({e.strerror})")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): unguarded
+            pass
+        except BlockingIOError:
+            holder = os.read(fd, 300).decode(errors="replace").strip()
+            raise UsageError(f"{path} is in use by a live process ({holder}): wait for it or choose another directory")
+        except OSError as e:  # a filesystem without locks
+            print(f"note: {path}: no file locks here ({e.strerror}): a second run into it would not be refused",
+                  file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}: {who}\n".encode())
+        for tmp in glob.glob(os.path.join(glob.escape(path), "*.tmp[0-9]*")):
+            os.remove(tmp)
+        yield path
     finally:
         os.close(fd)
 
@@ -712,12 +774,12 @@ def configure_backends(deterministic):
 @contextlib.contextmanager
 def stop_signals():
     """SIGINT/SIGTERM: save last.pt and stop at the next batch boundary (the yielded list holds the signal);
-    a second one stops at once (KeyboardInterrupt). The old handlers come back on exit."""
+    a second one stops at once (StopNow). The old handlers come back on exit."""
     received = []
 
     def handle(signum, frame):
         if received:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         received.append(signum)
     previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
     try:
@@ -742,16 +804,17 @@ RESUME_REASONS = {  # why a flag may not change on --resume; the rest would trai
     "guide_warmup": "the epochs of the lr schedule and of the variants' switches are counted after it"}
 
 
-def resolve_resume(args, argv):
+def resolve_resume(args, argv, auto=False):
     """--resume DIR: (the arguments the run was started with, DIR/last.pt's contents or None). Flags written
-    in `argv` that would change the run are refused, one reason each."""
-    run_dir, defaults, parser = args.resume, vars(get_parser().parse_args([])), get_parser()
+    in `argv` that would change the run are refused, one reason each. auto (--resume auto): DIR is --out-dir and
+    every flag counts as written: the command must be the run's own."""
+    run_dir, defaults, parser = args.out_dir if auto else args.resume, vars(get_parser().parse_args([])), get_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))  # the flags written on the command line, not their defaults
+    given = set(defaults) if auto else set(vars(parser.parse_args(argv)))  # the flags written, not their defaults
     last, saved = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "args.json")
     if not os.path.isdir(run_dir):
-        raise UsageError(f"--resume {run_dir}: no such directory")
+        raise UsageError(f"--resume {run_dir}: {'not a' if os.path.exists(run_dir) else 'no such'} directory")
     ckpt = None
     if os.path.isfile(last):
         ckpt = load_checkpoint(last)
@@ -767,10 +830,11 @@ def resolve_resume(args, argv):
     old = lambda name: stored.get(name, defaults.get(name))
     conflicts = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {old(name)}: " + RESUME_REASONS.get(
         name, "the rest of the run would train another method than its first part did") + ")"
-                 for name in sorted(set(given) - set(RESUME_MAY_CHANGE)) if getattr(args, name) != old(name)]
+                 for name in sorted(set(given) - set(RESUME_MAY_CHANGE)) if getattr(args, name) != old(name)
+                 and not (name == "amp" and args.amp == "auto")]  # the run's resolved precision is kept
     if conflicts:
-        raise UsageError(f"--resume {run_dir} continues the run with the flags it was started with; "
-                         f"refused: {'; '.join(conflicts)}")
+        raise UsageError(f"--resume {'auto: --out-dir ' * auto}{run_dir} continues the run with the flags it was "
+                         f"started with; refused: {'; '.join(conflicts)}")
     args.out_dir = run_dir
     resumed = argparse.Namespace(**{**defaults, **stored})
     for key in RESUME_MAY_CHANGE:
@@ -815,7 +879,7 @@ def plot_curves(rows, path, args):
     acc.grid(alpha=0.3), loss.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=8)  # beside the axes, never over a line
     loss.xaxis.get_major_locator().set_params(integer=True)
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -832,7 +896,13 @@ def train(args, ckpt=None):
     if args.batch_size < world:
         raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must be >= the {world} processes")
     last_path, best_path, jsonl_path = (os.path.join(args.out_dir, n) for n in ("last.pt", "best.pt", "metrics.jsonl"))
-    if not args.resume and os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+    if ckpt is not None and main_process:  # room for the next checkpoint before an epoch is spent on it
+        need = sum(os.path.getsize(p) for p in (last_path, best_path) if os.path.isfile(p))
+        free = shutil.disk_usage(args.out_dir).free
+        if free < need:
+            raise Stopped(f"{args.out_dir}: {free / 2**20:.0f} MiB free, the next checkpoints need {need / 2**20:.0f} "
+                          "MiB (last.pt's and best.pt's size): free some space, then resume")
+    if not args.resume and os.path.isdir(args.out_dir) and set(os.listdir(args.out_dir)) - {LOCK}:
         if not args.overwrite:
             raise UsageError(f"--out-dir {args.out_dir} is not empty: pass --resume {args.out_dir} or --overwrite")
         for path in (last_path, best_path) if main_process else ():  # a stale best.pt must not pass for this run's
@@ -889,12 +959,15 @@ def train(args, ckpt=None):
         log(f"resumed {args.out_dir} at epoch {start_epoch}, batch {int(sums['step'])}")
     rows = []
     if main_process:  # args.json, and metrics.jsonl cut back to the epochs before the one we start at
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        write_atomic(os.path.join(args.out_dir, "args.json"), lambda f: json.dump(vars(args), f, indent=1), "w")
         if os.path.isfile(jsonl_path):
             with open(jsonl_path) as f:
-                rows = [r for r in map(json.loads, f) if r["epoch"] < start_epoch]
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line torn by a kill or a full disk: the last one
+                        break
+                    rows += [row] * (row["epoch"] < start_epoch)
         with open(jsonl_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     warned = any(r.get("warning") for r in rows)
@@ -915,10 +988,10 @@ def train(args, ckpt=None):
 
     def checkpoint(epoch_done, partial=None):  # last.pt: everything a resume needs (mid-epoch: `partial`)
         if main_process:
-            write_atomic(last_path, lambda f: torch.save({
+            save_checkpoint(last_path, {
                 **weights(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
                 "step": int(partial["step"]) if partial else 0, "partial": partial, "best_val": best_val,
-                "world": world, "sat_soft_labels": soft, "ema_steps": ema_steps}, f))
+                "world": world, "sat_soft_labels": soft, "ema_steps": ema_steps})
 
     with stop_signals() as received:
         for epoch in range(start_epoch, last_epoch + 1):
@@ -957,8 +1030,8 @@ def train(args, ckpt=None):
                 values = dict(zip(STEP_STATS + STOP_FLAGS, values.tolist()))
                 for name in STEP_STATS:  # stop before anything is saved: last.pt stays the last good state
                     if not math.isfinite(values[name]):
-                        raise NonFiniteLoss(f"{name} is {values[name]} at epoch {epoch}, batch {step + 1}; "
-                                            f"{last_path} holds the last good state")
+                        raise Stopped(f"{name} is {values[name]} at epoch {epoch}, batch {step + 1}; "
+                                      f"{last_path} holds the last good state")
                     sums[name] += values[name] / world if name.startswith("loss") else values[name]
                 sums["seen"] += len(batches[step])
                 sums["step"] += 1
@@ -1005,7 +1078,7 @@ def train(args, ckpt=None):
                 plot_curves(rows, os.path.join(args.out_dir, "curves.png"), args)
                 checkpoint(epoch)
                 if improved:
-                    write_atomic(best_path, lambda f: torch.save(weights() | dict(epoch=epoch, val_pgd_acc=pgd), f))
+                    save_checkpoint(best_path, weights() | dict(epoch=epoch, val_pgd_acc=pgd))
                 log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in row.items() if v is not None and k != "warning"))
                 if row["warning"]:
@@ -1022,19 +1095,37 @@ def main(argv=None):
     try:
         args = get_parser().parse_args(argv)
         ckpt = None
-        if args.resume:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and int(os.environ.get("RANK", "0")) == 0:
+            advice = ["pass --resume auto, or a restart will refuse its non-empty --out-dir"] * (args.resume != "auto")
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # seen failing with torch 2.14.1
+                advice.append("start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or a restart may fail to "
+                              "connect on stale addresses in torchrun's shared store (pytorch/pytorch#135712)")
+            for a in advice:
+                print(f"note: torchrun --max-restarts: {a}", file=sys.stderr, flush=True)
+        if args.resume == "auto":  # the run in --out-dir if there is one, else a new one: a relaunch continues it
+            validate_args(args)  # the radius and step filled in, as the run's args.json has them
+            if any(os.path.isfile(os.path.join(args.out_dir, n)) for n in ("last.pt", "args.json")):
+                args, ckpt = resolve_resume(args, argv, auto=True)
+            else:  # a new run: an out-dir holding anything else is refused as without --resume
+                args.resume = None
+        elif args.resume:
             args, ckpt = resolve_resume(args, argv)
         validate_args(args)
-        return train(args, ckpt)
+        # the out-dir is this run's while it lives (rank 0 writes; the others only read)
+        with own_out_dir(args.out_dir, "dynat.py") if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+            return train(args, ckpt)
     except UsageError as e:
         print(f"dynat.py: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except Stopped as e:
         print(f"dynat.py: stopped: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a second signal (StopNow), or Ctrl-C before the loop's handlers
         print("dynat.py: stopped at once by a second signal; last.pt holds the last saved state", file=sys.stderr)
-        return 130
+        return 128 + (e.args[0] if isinstance(e, StopNow) else signal.SIGINT)
+    except OSError as e:  # a file that cannot be read or written (data, out-dir): one line, never a traceback
+        print(f"dynat.py: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

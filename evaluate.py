@@ -19,6 +19,7 @@ interrupted run continues with --resume: finished attacks are kept, AutoAttack g
 batch, and since every attack is reseeded with --seed the numbers are those of an uninterrupted run.
 """
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -225,7 +226,8 @@ def table(meta, accuracy, mean, worst):
 
 
 def save_outputs(out_dir, meta, masks, seconds, complete):
-    """results.json, per_example.npz and results.md, rewritten after every attack."""
+    """results.json, per_example.npz and results.md, rewritten after every attack; columns in --attacks' order."""
+    masks = {a: masks[a] for a in meta["attacks"] if a in masks}
     accuracy, mean, worst = summary(masks)
     arrays = {a: m.numpy() for a, m in masks.items()}
     # The arrays first: --resume trusts an attack only once results.json lists it.
@@ -274,6 +276,9 @@ def load_model(args, device, log):
     except ValueError as e:
         raise dynat.UsageError(f"--arch: {e}")
     dynat.load_weights(model, state, f"{args.checkpoint} [{args.model}]", log)  # strict: exact keys and shapes
+    bad = dynat.sibling("models").first_nonfinite(model.state_dict())
+    if bad:
+        raise dynat.UsageError(f"{args.checkpoint} [{args.model}]: {bad} holds inf or nan: nothing to evaluate")
     # Only input gradients are needed; frozen weights also keep FAB's backward from filling .grad.
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     model.eval().requires_grad_(False)
@@ -290,10 +295,11 @@ def load_model(args, device, log):
     return model, arch, dataset, data["classes"], x_test, y_test, norm
 
 
-def open_out_dir(args, meta, attacks):
-    """The output directory, and the attacks an interrupted evaluation finished there (with --resume).
-    By default its name carries a digest of every setting: evaluations with other settings (attacks,
-    n, epsilon, ..., other weights) never share a directory, and nothing is overwritten unasked."""
+def open_out_dir(args, meta, attacks, stack):
+    """The output directory, held for `stack`'s life (dynat.own_out_dir), and the attacks an interrupted
+    evaluation finished there (with --resume). By default its name carries a digest of every setting:
+    evaluations with other settings (attacks, n, epsilon, ..., other weights) never share a directory,
+    and nothing is overwritten unasked."""
     digest = hashlib.sha256(json.dumps({k: meta[k] for k in SETTINGS + ("attacks",)}, sort_keys=True).encode())
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
@@ -316,10 +322,10 @@ def open_out_dir(args, meta, attacks):
     elif earlier and not args.overwrite:
         raise dynat.UsageError(f"{out_dir} holds an earlier evaluation with the same settings: pass --resume "
                                "to continue it or --overwrite to start again")
-    else:  # a stale AutoAttack state would otherwise be continued
+    stack.enter_context(dynat.own_out_dir(out_dir, "evaluate.py"))  # refused while a live evaluation writes there
+    if not args.resume:  # a stale AutoAttack state would otherwise be continued
         for path in glob.glob(os.path.join(out_dir, "autoattack_*.json")):
             os.remove(path)
-    os.makedirs(out_dir, exist_ok=True)
     return out_dir, done, seconds
 
 
@@ -354,7 +360,7 @@ def configure_backends():
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def run(args):
+def run(args, stack):
     from tqdm import tqdm
 
     log = lambda *a: print(*a, flush=True)
@@ -387,7 +393,7 @@ def run(args):
             "precision": {a: "float32" if a == "clean" or a in AUTOATTACK else attack_precision
                           for a in ["clean"] + attacks},
             **provenance()}
-    out_dir, done, seconds = open_out_dir(args, meta, attacks)
+    out_dir, done, seconds = open_out_dir(args, meta, attacks, stack)
     log(f"evaluating {meta['checkpoint']} [{args.model}: {arch}] on {dataset}: first {n} of {len(y_test)} test "
         f"images, {NORMS[args.norm]} eps {dynat.fmt_fraction(args.epsilon)}{pgd_settings(meta)}, seed {args.seed}, "
         f"{device}, precision "
@@ -403,11 +409,12 @@ def run(args):
     log(f"clean accuracy: {100 * clean_acc:.2f}% ({int(masks['clean'].sum())}/{n})")
     if clean_acc <= 1.5 / classes and dataset != "synthetic":  # synthetic labels are random: chance is expected
         log(f"warning: clean accuracy is near chance ({classes} classes): wrong checkpoint, --model or --dataset?")
+    for name in done:  # the attacks an interrupted run finished: in every results.json from now on
+        masks[name] = done[name] & masks["clean"]
+        log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% (kept from the interrupted run)")
     save_outputs(out_dir, meta, masks, seconds, complete=False)
     for name in attacks:
         if name in done:
-            masks[name] = done[name] & masks["clean"]
-            log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% (kept from the interrupted run)")
             continue
         t0 = time.time()
         masks[name] = attack(name, model, x, y, masks["clean"], args, out_dir, progress, amp=amp, classes=classes,
@@ -425,13 +432,20 @@ def run(args):
 
 def main(argv=None):
     try:
-        return run(get_parser().parse_args(argv))
+        with contextlib.ExitStack() as stack:
+            return run(get_parser().parse_args(argv), stack)
     except dynat.UsageError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
+    except dynat.Stopped as e:
+        print(f"evaluate.py: stopped: {e}; the finished attacks are saved: run again with --resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("evaluate.py: interrupted; the finished attacks are saved: run again with --resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a file that cannot be read or written (data, out-dir): one line, never a traceback
+        print(f"evaluate.py: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ Both take [0, 1] pixels (no normalisation layer, as the paper's models) of any s
 one entry point; `load_state` loads a checkpoint strictly, after `remap_state_dict` has
 said, key by key, how one written by another codebase maps onto ours. Replicas of a model across
 torchrun's processes: `GlobalBatchNorm2d` (the global batch's BatchNorm, dynat.py --sync-bn),
-`average_replicas` (data parallelism by hand) and `check_replicas`.
+`average_replicas` (data parallelism by hand) and `check_replicas`. Checkpoints: `seal` before the write,
+`load_checkpoint` checks the SHA-256 of the contents that `seal` wrote into them.
 """
+import hashlib
 import os
 import pickle
 import re
@@ -179,8 +181,55 @@ def remap_state_dict(state_dict):
     return out, notes
 
 
+def contents_sha256(obj):
+    """SHA-256 of a checkpoint's contents, in order: each tensor's dtype, shape and bytes, each other value's repr."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            t = o.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(o.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k, v in o.items():
+                h.update(repr(k).encode())
+                walk(v)
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def first_nonfinite(obj, name=""):
+    """The name ("target.bn1.running_var") of the first floating tensor in obj holding inf or nan, else None."""
+    if torch.is_tensor(obj):
+        return name if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return next((n for k, v in items if (n := first_nonfinite(v, f"{name}.{k}" if name else str(k)))), None)
+
+
+def seal(ckpt):
+    """The checkpoint dict to write: tensors copied to the CPU once, refused (ValueError) if any holds inf or nan,
+    and the SHA-256 of the contents under "sha256", which load_checkpoint checks."""
+    to_cpu = lambda o: (o.detach().cpu() if torch.is_tensor(o) else {k: to_cpu(v) for k, v in o.items()}
+                        if isinstance(o, dict) else type(o)(map(to_cpu, o)) if isinstance(o, (list, tuple)) else o)
+    ckpt = to_cpu(ckpt)
+    bad = first_nonfinite(ckpt)
+    if bad:
+        raise ValueError(f"{bad} holds inf or nan")
+    return {**ckpt, "sha256": contents_sha256(ckpt)}
+
+
 def load_checkpoint(path):
-    """torch.load(weights_only=True) with one-line errors: nothing in the file is ever executed."""
+    """torch.load(weights_only=True) with one-line errors: nothing in the file is ever executed; a checkpoint
+    that seal wrote must match its SHA-256 (bytes changed on the disk or in a copy load, but differently)."""
     if not os.path.isfile(path):
         hint = f": pass {os.path.join(path, 'last.pt')} (or best.pt)" if os.path.isdir(path) else ""
         raise ValueError(f"{path}: {'a run directory' + hint if hint else 'no such checkpoint file'}")
@@ -190,12 +239,17 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: not a checkpoint (torch.save writes a zip archive or a pickle; this file "
                          f"starts with {head!r}): pass a last.pt / best.pt or a saved state_dict")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(f"{path}: refused: it holds objects that need arbitrary code to unpickle "
                          "(only tensors and plain containers are loaded)")
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: truncated or corrupt checkpoint ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
+    if isinstance(ckpt, dict) and "sha256" in ckpt:
+        written = ckpt.pop("sha256")
+        if contents_sha256(ckpt) != written:
+            raise ValueError(f"{path}: corrupt: its contents do not match the SHA-256 written with them")
+    return ckpt
 
 
 def load_state(model, state_dict):

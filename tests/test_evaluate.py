@@ -287,6 +287,30 @@ def test_resume_keeps_finished_attacks_and_checks_settings(folder, capsys, tmp_p
     assert "checkpoint_sha256" in err
 
 
+def test_a_resumed_evaluation_interrupted_again_keeps_what_it_had_finished(folder, capsys, tmp_path, monkeypatch):
+    """PGD-1 finishes, PGD-2 is interrupted; resumed, PGD-2 is interrupted again: PGD-1 stays in results.json
+    and per_example.npz, and the third run computes PGD-2 alone, in the table's place of --attacks."""
+    common = [folder["ckpt"], "--epsilon", EPS, "--n", "8", "--attacks", "pgd1,pgd2", "--out-dir", tmp_path]
+    real, steps = dynat.perturb, []
+
+    def perturb(*a, **kw):
+        steps.append(kw["num_steps"])
+        if kw["num_steps"] == 2 and interrupt:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(dynat, "perturb", perturb)
+    interrupt = True
+    assert run_eval(capsys, *common)[0] == 130
+    first = outputs(tmp_path)
+    assert run_eval(capsys, *common, "--resume")[0] == 130
+    second = outputs(tmp_path)
+    assert second[0]["accuracy"]["pgd1"] == first[0]["accuracy"]["pgd1"] and "pgd1" in second[0]["seconds"]
+    assert (second[1]["pgd1"] == first[1]["pgd1"]).all()
+    interrupt, steps[:] = False, []
+    rc, out, _ = run_eval(capsys, *common, "--resume")
+    assert rc == 0 and set(steps) == {2} and "| Clean | PGD-1 | PGD-2 |" in out
+
+
 # ----------------------------------------------------------------------------- checkpoints and usage
 
 
