@@ -485,6 +485,43 @@ def test_awp_leaves_a_frozen_weight_unperturbed_as_the_proxy_does(spy):
     torch.testing.assert_close(stats["loss_target"], expected, rtol=1e-10, atol=1e-12)
 
 
+def _awp_net():
+    """No BatchNorm: the loss of a batch split over processes is then the weighted mean of the parts' losses."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, C)).double()
+
+
+def _awp_worker(rank, port, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        x, y = make_batch(b=8, size=8, dtype=torch.float64)
+        part = slice(0, 5) if rank == 0 else slice(5, 8)  # unequal shares, 5 and 3
+        _, stats = dynat.dynat_loss(_awp_net(), None, x[part], y[part], AWP_EXACT)
+        torch.save(stats["loss_target"] * len(x[part]), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# x' = x (eps = 0, K = 0, no random start), an AWP step large enough to tell directions apart
+AWP_EXACT = dynat.Config(labels="true", epsilon=0.0, num_steps=0, start="uniform", awp=True, awp_gamma=0.1)
+
+
+def test_awp_under_two_processes_perturbs_along_the_global_batch_gradient(tmp_path):
+    """Under torchrun each process holds part of the batch; v must follow the whole batch's gradient (one
+    all-reduce), as in one process. Each process's loss at w + v, weighted by its share, then sums to the
+    one-process loss of the whole batch at its w + v; a v of each part's own gradient misses it by ~1e-2."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_awp_worker, args=(port, str(tmp_path)), nprocs=2)
+    x, y = make_batch(b=8, size=8, dtype=torch.float64)
+    _, stats = dynat.dynat_loss(_awp_net(), None, x, y, AWP_EXACT)
+    parts = sum(torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    torch.testing.assert_close(parts / len(x), stats["loss_target"], rtol=1e-12, atol=0)
+
+
 # ----------------------------------------------------------------------------- 7. GAIRAT and MAIL at any class count
 
 @pytest.mark.parametrize("reweight,labels", [("gairat", "true"), ("mail", "true"), ("mail", "dynamic")])

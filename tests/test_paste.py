@@ -117,15 +117,15 @@ def test_the_pasted_block_alone_computes_what_dynat_py_computes_bitwise(tmp_path
 
 
 def test_dynat_py_copied_alone_into_another_project_trains_its_networks(tmp_path):
-    """`from dynat import dynat_loss` in a project with its own `models` package: no import of ours, and a
-    training step of that project's networks moves their weights."""
+    """`from dynat import dynat_loss` in a project with its own `models` package: importing dynat imports no
+    `models` (neither theirs nor ours), and a training step of that project's networks moves their weights."""
     project = their_project(tmp_path)
     (project / "dynat.py").write_text(open(os.path.join(ROOT, "dynat.py")).read())
     script = textwrap.dedent('''
         import sys, torch
         from dynat import Config, dynat_loss
+        assert "models" not in sys.modules and not any(name.startswith("dynat_") for name in sys.modules)
         from models import Net
-        assert not any(name.startswith("dynat_") for name in sys.modules)  # neither our models.py nor data.py
         torch.manual_seed(0)
         target, guide = Net(), Net()
         optimizer = torch.optim.SGD([*target.parameters(), *guide.parameters()], lr=0.1)
@@ -142,3 +142,18 @@ def test_dynat_py_copied_alone_into_another_project_trains_its_networks(tmp_path
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained ['dyn_correct', 'loss_guide', 'loss_target']" in r.stdout
+
+
+def test_the_scripts_copied_into_another_project_train_our_networks_there(tmp_path):
+    """dynat.py, models.py and data.py copied beside that project's `models/` package (which `import models`
+    would find first) and run from there: our networks are built, theirs never are."""
+    from test_scripts import TINY, make_imagefolder
+    project = their_project(tmp_path / "theirs")
+    for name in ("dynat.py", "models.py", "data.py"):
+        (project / name).write_text(open(os.path.join(ROOT, name)).read())
+    folder = make_imagefolder(tmp_path / "images", train_per_class=8, test_per_class=4)
+    r = subprocess.run([sys.executable, "dynat.py", "--dataset", "imagefolder", "--data-dir", folder, "--epochs", "1",
+                        "--out-dir", "run", *TINY], cwd=project, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training wrn-10-1 (target) with wrn-10-1 guide" in r.stdout and (project / "run" / "last.pt").exists()
