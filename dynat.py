@@ -681,7 +681,9 @@ def write_atomic(path, write, mode="wb"):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
+        while e is not None and not isinstance(e, OSError):  # torch.save wraps a full disk in a RuntimeError
+            e = e.__cause__ or e.__context__
+        if e is not None:
             kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
             raise Stopped(f"{path}: {e.strerror or e} while writing it; {kept}") from None
         raise
