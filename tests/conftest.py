@@ -1,6 +1,23 @@
 """The project's root on sys.path: the tests import dynat, evaluate, bench and models from the checkout
-itself (nothing is installed)."""
+itself (nothing is installed); and the fixture of the tests that run dynat.main in this process."""
 import os
+import signal
 import sys
 
+import pytest
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def one_thread_and_signals():
+    """For tests that run dynat.main in this process: one thread (tiny tensors), and the SIGINT/SIGTERM
+    handlers as they were."""
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for s, h in handlers.items():
+        signal.signal(s, h)

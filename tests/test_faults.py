@@ -28,15 +28,7 @@ RUN = ["--dataset", "synthetic", "--train-size", "64", "--batch-size", "32", "--
        "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_signals():
-    threads = torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for s, h in handlers.items():
-        signal.signal(s, h)
+pytestmark = pytest.mark.usefixtures("one_thread_and_signals")  # conftest.py
 
 
 def train(capsys, *argv):

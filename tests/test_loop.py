@@ -6,7 +6,6 @@ import copy
 import gzip
 import json
 import os
-import signal
 import socket
 import struct
 
@@ -22,16 +21,7 @@ TINY = ["--target", "wrn-10-1", "--guide", "wrn-10-1", "--num-steps", "1", "--ev
         "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_signals():
-    """One thread (tiny tensors), and the SIGINT/SIGTERM handlers as they were."""
-    threads = torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for s, h in handlers.items():
-        signal.signal(s, h)
+pytestmark = pytest.mark.usefixtures("one_thread_and_signals")  # conftest.py
 
 
 def spy_steps(monkeypatch, after=None):
