@@ -288,16 +288,24 @@ def worker_pid(out_dir, rank):
             return int(pid)
 
 
-def test_two_processes_keep_replicas_identical_and_resume(folder, tmp_path):
-    # dynat.py itself compares every parameter and buffer with rank 0's after each epoch
-    # (check_replicas) and fails the run if they differ; AWP is where replicas would drift.
-    extra = ("--epochs", "3", "--inner", "--awp", "--awp-warmup", "1", "--deterministic", "--ema", "0.9")
-    full = tmp_path / "full"
-    r = torchrun(train_args(folder, full, *extra), capture_output=True, timeout=300)
+TWO = ("--epochs", "3", "--inner", "--awp", "--awp-warmup", "1", "--deterministic", "--ema", "0.9")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(folder, tmp_path_factory):
+    """TWO on 2 gloo processes, uninterrupted: what the tests that cut it must end with. dynat.py itself
+    compares every parameter and buffer with rank 0's after each epoch (check_replicas) and fails the run if
+    they differ; AWP (from epoch 2) is where replicas would drift."""
+    full = tmp_path_factory.mktemp("two") / "full"
+    r = torchrun(train_args(folder, full, *TWO), capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
-    cut = tmp_path / "cut"
-    r = torchrun(train_args(folder, cut, *extra[:1], "1", *extra[2:]), capture_output=True, timeout=300)  # 1 epoch
+    return full
+
+
+def test_two_processes_keep_replicas_identical_and_resume(folder, tmp_path, two_process_run):
+    full, cut = two_process_run, tmp_path / "cut"
+    r = torchrun(train_args(folder, cut, "--epochs", "1", *TWO[2:]), capture_output=True, timeout=300)  # 1 epoch
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = models.load_checkpoint(cut / "last.pt")
     ckpt["args"]["epochs"] = 3  # ... then continue it as the 3-epoch run under torchrun
@@ -309,15 +317,13 @@ def test_two_processes_keep_replicas_identical_and_resume(folder, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's worker in /proc")
-def test_an_elastic_restart_continues_the_run_and_trains_the_same_weights(folder, tmp_path):
+def test_an_elastic_restart_continues_the_run_and_trains_the_same_weights(folder, tmp_path, two_process_run):
     """torchrun --max-restarts 1 ... --resume auto; rank 1 killed (SIGKILL) in epoch 2: the agent relaunches the
-    same command, which continues from last.pt; the job exits 0 with the uninterrupted run's weights."""
-    extra = ("--epochs", "3", "--inner", "--deterministic", "--resume", "auto")
-    full, out = tmp_path / "full", tmp_path / "elastic"
-    r = torchrun(train_args(folder, full, *extra), capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    proc = torchrun(train_args(folder, out, *extra), restarts=1, run=subprocess.Popen, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
+    same command, which continues from last.pt; the job exits 0 with the uninterrupted run's weights (AWP's
+    and the EMA's included)."""
+    full, out = two_process_run, tmp_path / "elastic"
+    proc = torchrun(train_args(folder, out, *TWO, "--resume", "auto"), restarts=1, run=subprocess.Popen,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_epoch(proc, out / "last.pt", 1)
     os.kill(worker_pid(out, 1), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
