@@ -681,9 +681,11 @@ def write_atomic(path, write, mode="wb"):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        while e is not None and not isinstance(e, OSError):  # torch.save wraps a full disk in a RuntimeError
-            e = e.__cause__ or e.__context__
-        if e is not None:
+        for _ in range(4):  # the OSError torch.save wraps in a RuntimeError (a full disk); never an interrupt's
+            if not isinstance(e, Exception) or isinstance(e, OSError):
+                break
+            e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+        if isinstance(e, OSError):
             kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
             raise Stopped(f"{path}: {e.strerror or e} while writing it; {kept}") from None
         raise

@@ -1,5 +1,5 @@
 """The project's root on sys.path: the tests import dynat, evaluate, bench and models from the checkout
-itself (nothing is installed); and the fixture of the tests that run dynat.main in this process."""
+itself (nothing is installed); and a fixture for runs of dynat.main inside the test's process."""
 import os
 import signal
 import sys
@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 @pytest.fixture
 def one_thread_and_signals():
-    """For tests that run dynat.main in this process: one thread (tiny tensors), and the SIGINT/SIGTERM
-    handlers as they were."""
+    """For a run of dynat.main inside the test's process: one thread (tiny tensors), and the SIGINT/SIGTERM
+    handlers that dynat.main installs replaced by the ones before it."""
     threads = torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     torch.set_num_threads(1)

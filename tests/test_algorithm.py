@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import itertools
 import os
-import signal
 import sys
 
 import pytest
@@ -382,18 +381,13 @@ def test_target_gradient_depends_on_y_with_true_labels(inner):
 
 # ----------------------------------------------------------------------------- 5. --labels true builds no guide
 
-def test_main_labels_true_builds_and_saves_no_guide(tmp_path, monkeypatch):
+def test_main_labels_true_builds_and_saves_no_guide(tmp_path, monkeypatch, one_thread_and_signals):
     built, ours = [], dynat.sibling("models")
     real_build = ours.build_model
     monkeypatch.setattr(ours, "build_model", lambda name, classes: built.append(name) or real_build(name, classes))
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        rc = dynat.main(["--dataset", "synthetic", "--labels", "true", "--target", "wrn-10-1", "--epochs", "1",
-                         "--batch-size", "32", "--num-steps", "2", "--dry-run", "--out-dir", str(tmp_path / "o"),
-                         "--eval-pgd-n", "8", "--device", "cpu"])
-    finally:
-        for s, h in handlers.items():  # run() installs its own SIGINT/SIGTERM handlers
-            signal.signal(s, h)
+    rc = dynat.main(["--dataset", "synthetic", "--labels", "true", "--target", "wrn-10-1", "--epochs", "1",
+                     "--batch-size", "32", "--num-steps", "2", "--dry-run", "--out-dir", str(tmp_path / "o"),
+                     "--eval-pgd-n", "8", "--device", "cpu"])
     assert rc == 0
     assert built == ["wrn-10-1"]  # the target only (the default --guide resnet18 is never built)
     ckpt = torch.load(tmp_path / "o" / "last.pt", weights_only=True)

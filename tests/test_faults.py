@@ -197,6 +197,19 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_a_resume_checks_the_space_fir
     assert rc == 0 and "resumed" in stdout, err
 
 
+def test_an_interrupt_while_a_write_fails_stays_an_interrupt(tmp_path):
+    """A signal (KeyboardInterrupt, StopNow) raised while a full disk's OSError is being handled is still the
+    signal: the run stops with its code, not as a failed write; the temp file goes either way."""
+    def write(f):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        dynat.write_atomic(str(tmp_path / "last.pt"), write)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_full_disk_while_drawing_the_curves_keeps_the_previous_picture(tmp_path, capsys, monkeypatch):
     import matplotlib.figure
     out, real, pictures = tmp_path / "run", matplotlib.figure.Figure.savefig, []

@@ -295,7 +295,7 @@ TWO = ("--epochs", "3", "--inner", "--awp", "--awp-warmup", "1", "--deterministi
 def two_process_run(folder, tmp_path_factory):
     """TWO on 2 gloo processes, uninterrupted: what the tests that cut it must end with. dynat.py itself
     compares every parameter and buffer with rank 0's after each epoch (check_replicas) and fails the run if
-    they differ; AWP (from epoch 2) is where replicas would drift."""
+    they differ; AWP (on from epoch 1) is where replicas would drift."""
     full = tmp_path_factory.mktemp("two") / "full"
     r = torchrun(train_args(folder, full, *TWO), capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
