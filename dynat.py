@@ -164,12 +164,17 @@ def require(args, names, ok, what):
             raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {v:g}")
 
 
-def validate_args(args):
-    """Every flag checked up front, with a one-line reason; the radius and step given their --norm's defaults."""
+def resolve_threat_model(args):
+    """args.epsilon and args.step_size given args.norm's defaults where unset, then checked (dynat.py, evaluate.py)."""
     c = Config(norm=args.norm, epsilon=args.epsilon, step_size=args.step_size)
     args.epsilon, args.step_size = c.epsilon, c.step_size
     top = 1 if args.norm == "linf" else 100  # pixels are in [0, 1]; an L2 ball of radius 100 holds every image
     require(args, ("epsilon", "step_size"), lambda v: 0 < v <= top, f"in (0, {top}] (pixels are in [0, 1])")
+
+
+def validate_args(args):
+    """Every flag checked up front, with a one-line reason; the radius and step given their --norm's defaults."""
+    resolve_threat_model(args)
     for name in ("target", "guide"):
         checked(sibling("models").check_arch, getattr(args, name), prefix=f"--{name}: ")
     require(args, ("epochs", "batch_size", "eval_every", "eval_pgd_n"), lambda v: v >= 1, ">= 1")

@@ -377,10 +377,8 @@ def run(args, stack):
     amp = dynat.amp_dtype(args.amp, device)
     model, arch, dataset, classes, x_test, y_test, trained_norm = load_model(args, device, log)
     # the threat model: the checkpoint's unless given; its radius and step by default
-    c = dynat.Config(norm=args.norm or trained_norm or "linf", epsilon=args.epsilon, step_size=args.step_size)
-    args.norm, args.epsilon, args.step_size = c.norm, c.epsilon, c.step_size
-    top = 1 if args.norm == "linf" else 100
-    dynat.require(args, ("epsilon", "step_size"), lambda v: 0 < v <= top, f"in (0, {top}] (pixels are in [0, 1])")
+    args.norm = args.norm or trained_norm or "linf"
+    dynat.resolve_threat_model(args)
     n = min(args.n or len(y_test), len(y_test))
     x, y = x_test[:n], y_test[:n]
     attack_precision = "bf16" if amp is not None else "float32"
