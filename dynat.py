@@ -1,13 +1,15 @@
 """DYNAT: dynamic-label adversarial training (Liu et al.), reference implementation.
 
 Algorithm 1, one iteration on a clean batch (x, y) of [0, 1] pixels (dynat_loss, in the block to paste):
-  1. Guide forward once, train mode: z_g = f_g(x); L_g = CE(z_g, y)                        (Eq. 4)
-  2. Dynamic label y_dyn = argmax z_g, no gradient                                        (Eq. 3)
+  1. Guide forward once, train mode, z_g = f_g(x); dynamic label y_dyn = argmax z_g, no gradient     (Eq. 3)
+  2. Guide loss L_g = CE(z_g, y)                                                               (Eq. 4)
   3. Inner maximisation on the frozen, eval-mode target, K signed PGD steps in the eps-ball:
      CE(f_t(x'), y_dyn) with --inner (Eq. 7), else KL(p(f_t(x)) || p(f_t(x'))) (TRADES/LBGAT)  (Sec. 3.4)
   4. Target loss on x', train mode: L_t = CE(f_t(x'), y_dyn)                               (Eq. 5)
      [+ alpha KL(p(f_t(x)) || p(f_t(x'))), AWP on the target's weights, GAIRAT / MAIL weights, ISEAT]
   5. One SGD step of both models on L_g + beta L_t                                         (Eq. 6)
+The comparison methods (PGD-AT, TRADES, SAT, MART, LBGAT; FAT and GAIRAT, MAIL-AT, AWP as PGD-AT's variants) are
+functions of their own after dynat_loss in the same block, sharing its attack, AWP and instance weights.
 
 Headline row (Table 2, CIFAR-100, DYNAT-Inner-AWP alpha=1, beta=0.2):
   python dynat.py --dataset cifar100 --inner --awp --alpha 1 --beta 0.2
@@ -26,6 +28,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -61,7 +64,7 @@ def fraction(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
 
 
-def numbers(kind):
+def number_list(kind):
     """argparse type of a comma list of `kind` ('76,91' or '0.1,0.01'), as a tuple."""
     def parse(text):
         try:
@@ -93,9 +96,9 @@ def get_parser():
     a("--epochs", type=int, default=100, help="epochs of Algorithm 1")
     a("--batch-size", type=int, default=128, help="global batch size m (split across processes)")
     a("--lr", type=float, default=0.1, help="learning rate")
-    a("--lr-milestones", type=numbers(int), default=None, metavar="E,E",
+    a("--lr-milestones", type=number_list(int), default=None, metavar="E,E",
       help="epochs from which the --lr-factors apply (default: after 75%% and 90%% of --epochs)%(default).0s")
-    a("--lr-factors", type=numbers(float), default=None, metavar="F,F",
+    a("--lr-factors", type=number_list(float), default=None, metavar="F,F",
       help="lr factor from each milestone (default: 0.1,0.01)%(default).0s")
     a("--lr-warm-start", type=float, default=0.2, help="lr factor of the first epoch (1: none)")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -110,8 +113,10 @@ def get_parser():
     a("--inner", action="store_true", help="inner maximisation CE(f_t(x'), y_dyn) (Eq. 7) instead of the KL attack")
     a("--inner-label", default=c.inner_label, choices=["train", "true"], help="--inner's label: y_dyn (train) or y")
     a("--start", default=c.start, choices=["normal", "uniform"], help="attack start: x + 0.001 N(0, I), or U(ball)")
-    a("--fat-tau", type=numbers(int), default=(), metavar="T,T", help="FAT's early stop tau, per --fat-tau-milestones")
-    a("--fat-tau-milestones", type=numbers(int), default=(), metavar="E,E", help="epochs from which the next tau holds")
+    a("--fat-tau", type=number_list(int), default=(), metavar="T,T",
+      help="FAT's early stop tau, per --fat-tau-milestones")
+    a("--fat-tau-milestones", type=number_list(int), default=(), metavar="E,E",
+      help="epochs from which the next tau holds")
     a("--fat-omega", type=float, default=c.fat_omega, help="FAT's noise on each attack step")
     a("--loss", default=c.loss, choices=["ce", "trades", "mart"], help="target loss: CE(f_t(x')) (Eq. 5), TRADES, MART")
     a("--alpha", type=float, default=c.alpha, help="TRADES weight alpha of KL(p(f_t(x)) || p(f_t(x')))")
@@ -164,41 +169,47 @@ def require(args, names, ok, what):
             raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {v:g}")
 
 
+def checked_config(**fields):
+    """Config(**fields), whose refusal of a field (ValueError, TypeError) becomes a UsageError naming its flag."""
+    try:
+        return Config(**fields)
+    except (ValueError, TypeError) as e:
+        raise UsageError(re.sub(r"Config\.(\w+)=?", lambda m: f"--{m.group(1).replace('_', '-')} ", str(e))) from None
+
+
+def config_of(args):
+    """The Config of a run's flags (FAT's first tau; the loop sets each epoch's)."""
+    return checked_config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name != "fat_tau"},
+                          fat_tau=(args.fat_tau or (-1,))[0])
+
+
 def resolve_threat_model(args):
     """args.epsilon and args.step_size given args.norm's defaults where unset, then checked (dynat.py, evaluate.py)."""
-    c = Config(norm=args.norm, epsilon=args.epsilon, step_size=args.step_size)
+    c = checked_config(norm=args.norm, epsilon=args.epsilon, step_size=args.step_size)
     args.epsilon, args.step_size = c.epsilon, c.step_size
-    top = 1 if args.norm == "linf" else 100  # pixels are in [0, 1]; an L2 ball of radius 100 holds every image
-    require(args, ("epsilon", "step_size"), lambda v: 0 < v <= top, f"in (0, {top}] (pixels are in [0, 1])")
 
 
 def validate_args(args):
     """Every flag checked up front, with a one-line reason; the radius and step given their --norm's defaults."""
     resolve_threat_model(args)
+    config_of(args)  # the algorithm's settings, checked where they are defined
     for name in ("target", "guide"):
         checked(sibling("models").check_arch, getattr(args, name), prefix=f"--{name}: ")
     require(args, ("epochs", "batch_size", "eval_every", "eval_pgd_n"), lambda v: v >= 1, ">= 1")
-    require(args, ("num_steps", "val_size", "workers", "awp_warmup", "train_size", "guide_warmup",
-                   "target_clip_epochs"), lambda v: v >= 0, ">= 0")
-    require(args, ("lr", "momentum", "weight_decay", "alpha", "beta", "awp_gamma", "iseat", "target_clip", "fat_omega"),
-            lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+    require(args, ("val_size", "workers", "awp_warmup", "train_size", "guide_warmup", "target_clip_epochs"),
+            lambda v: v >= 0, ">= 0")
+    require(args, ("lr", "momentum", "weight_decay", "target_clip"), lambda v: v >= 0 and math.isfinite(v),
+            "a finite number >= 0")
     require(args, ("lr_warm_start",), lambda v: 0 < v and math.isfinite(v), "a finite number > 0")
-    require(args, ("sat_momentum", "ema"), lambda v: 0 <= v < 1, "in [0, 1)")
+    require(args, ("ema",), lambda v: 0 <= v < 1, "in [0, 1)")
     for steps, values in (("lr_milestones", "lr_factors"), ("fat_tau_milestones", "fat_tau")):
         e, v = getattr(args, steps) or (), getattr(args, values) or ()
         extra = values == "fat_tau" and bool(v)  # taus: one before the first milestone, then one per milestone
         if len(v) != len(e) + extra or list(e) != sorted(set(e)) or any(m < 1 for m in e) or any(f < 0 for f in v):
             raise UsageError(f"--{steps.replace('_', '-')} {e} and --{values.replace('_', '-')} {v}: need increasing "
                              f"epochs >= 1 and {'one more' if extra else 'as many'} values >= 0")
-    if args.loss != "ce" and (args.labels == "lbgat" or args.reweight != "none" or args.iseat > 0):
-        raise UsageError(f"--loss {args.loss} is the target's own loss: it does not combine with --labels lbgat, "
-                         "--reweight or --iseat")
     if args.sat and (args.loss != "trades" or args.labels != "true" or args.awp):
         raise UsageError("--sat is SAT's adversarial setting: it needs --loss trades --labels true, without --awp")
-    if args.inner_label == "true" and not args.inner:
-        raise UsageError("--inner-label true sets the label of --inner's CE attack: pass --inner")
-    if not 0 <= args.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.guide_warmup and args.labels == "true":
         raise UsageError(f"--guide-warmup {args.guide_warmup} needs a guide: --labels true trains none")
     if args.awp and args.awp_warmup > args.epochs:
@@ -213,53 +224,85 @@ def validate_args(args):
 
 
 # ============================================================================ BEGIN DYNAT BLOCK
-# DYNAT, the algorithm: everything a training step of Algorithm 1 computes, with every variant; torch only, no
-# training loop. Paste it whole, from the line above to END DYNAT BLOCK. Models see [0, 1] pixels; precision is
-# the caller's torch.autocast (the attack and AWP's ascent never run in fp16).
+# Algorithm 1 (dynat_loss), the one attack it shares with evaluation (perturb), and the comparison methods of the
+# paper's tables, each in a function of its own after it. Torch only, no training loop: paste the block whole (the
+# README's "Use it in your own code" gives the one-line sed that extracts it). Models see pixels in [0, 1].
 import contextlib
 import dataclasses
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+RADII = {"linf": (8 / 255, 2 / 255), "l2": (128 / 255, 15 / 255)}  # (epsilon, step size) where Config leaves them None
+CHOICES = {"norm": ("linf", "l2"), "inner_label": ("train", "true"), "start": ("normal", "uniform"),
+           "reweight": ("none", "gairat", "mail"), "labels": ("dynamic", "true", "lbgat"),
+           "loss": ("ce", "trades", "mart")}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One step's settings, Algorithm 1's then the variants'; the paper's defaults, which the flags take."""
-    # inner maximisation (Sec. 3.4)
+    """One step's settings: Algorithm 1's, its variants', then the comparison methods'. The defaults are the paper's,
+    except where a comment says "the release's habit". Checked when built: an unknown choice or a number that cannot
+    be one raises ValueError or TypeError naming the field."""
+    # Algorithm 1: the inner maximisation (Sec. 3.4) and Eq. 5-6
     norm: str = "linf"  # the threat model's ball: "linf" (the paper) or "l2"
-    epsilon: float = None  # its radius in [0, 1] pixels; None: 8/255 (the paper writes 0.031), L2: 128/255
-    step_size: float = None  # None: 2/255; L2: 15/255 (Rice et al. 2020's and AWP's CIFAR L2 setting)
-    num_steps: int = 10  # K
-    inner: bool = False  # attack CE(f_t(x'), y_dyn) (Eq. 7); False: KL(p(f_t(x)) || p(f_t(x'))) (TRADES/LBGAT)
-    inner_label: str = "train"  # the CE attack's label: "train", the label the target learns; "true": y
-    start: str = "normal"  # x + 0.001 N(0, I) (TRADES/LBGAT/DYNAT/MART), "uniform" in the ball (PGD-AT/AWP/GAIRAT/FAT)
-    fat_tau: int = -1  # FAT's early-stopped PGD: a point stops at its (tau + 1)-th misclassified iterate (-1: off)
-    fat_omega: float = 0.001  # FAT's noise omega N(0, I) added to each of its steps
-    # outer minimisation (Eq. 5-6)
-    loss: str = "ce"  # "ce": CE(f_t(x'), label) (Eq. 5, PGD-AT); "trades": CE(f_t(x), label); "mart": MART's
-    labels: str = "dynamic"  # "dynamic": y_dyn (DYNAT); "true": y, no guide (PGD-AT); "lbgat": MSE to f_g(x)
-    beta: float = 1.0  # weight of L_t (Eq. 6)
-    alpha: float = 0.0  # TRADES weight of KL(p(f_t(x)) || p(f_t(x'))) in the target's loss (TRADES's, MART's beta)
-    label_smoothing: float = 0.0  # of the target's CE
-    clean_bn: bool = True  # a no-grad train-mode f_t(x) after f_t(x'): the release's BatchNorm statistics
-    # variants
-    awp: bool = False  # adversarial weight perturbation of the target (Wu et al. 2020)
+    epsilon: float = None  # its radius in [0, 1] pixels; None: 8/255 (the paper writes 0.031); l2: 128/255
+    step_size: float = None  # None: 2/255; l2: 15/255 (Rice et al. 2020's and AWP's CIFAR L2 setting)
+    num_steps: int = 10  # K, the attack's steps
+    inner: bool = False  # attack CE(f_t(x'), y_dyn) (Eq. 7: the "-Inner" rows); False: KL(p(f_t(x)) || p(f_t(x')))
+    inner_label: str = "train"  # the label of inner's CE attack: "train" the one the target learns (y_dyn), "true" y
+    start: str = "normal"  # x + 0.001 N(0, I) (the release, TRADES, MART, LBGAT); "uniform" in the ball (PGD-AT, AWP)
+    beta: float = 1.0  # weight of L_t in Eq. 6 (the paper: 1; 0.2 for the AWP rows on CIFAR-100)
+    alpha: float = 0.0  # weight of TRADES's KL(p(f_t(x)) || p(f_t(x'))) added to the target's loss (DYNAT-AWP's alpha)
+    clean_bn: bool = True  # the release's habit: a no-grad train-mode f_t(x) after f_t(x'), BN statistics of both
+    # DYNAT's variants in the paper
+    awp: bool = False  # adversarial weight perturbation of the target (Wu et al. 2020: the "-AWP" rows)
     awp_gamma: float = 0.005  # ||v_l|| / ||w_l|| per conv/linear weight
-    reweight: str = "none"  # "gairat" or "mail": instance weights on the target's CE
+    reweight: str = "none"  # instance weights on the target's loss: "gairat" (Table 3) or "mail" (Table 4)
     gair_lambda: float = -1.0  # GAIRAT's lambda
-    mail_bias: float = -0.5  # MAIL-AT's sigmoid (its release's README command)
+    mail_bias: float = -0.5  # MAIL-AT's sigmoid bias and slope (its release's README command)
     mail_slope: float = 10.0
-    iseat: float = 0.0  # ISEAT's lambda (0: off)
-    sat_momentum: float = 0.9  # SAT: soft targets <- m soft + (1 - m) p(f_t(x)), when dynat_loss gets soft_labels
+    iseat: float = 0.0  # ISEAT's lambda (Li et al. 2023; 0: off)
+    label_smoothing: float = 0.0  # of the target's CE (the paper: 0.2 in Table 3's hybrids)
+    # the comparison methods: training_loss picks the method's function from labels and loss
+    labels: str = "dynamic"  # "dynamic": DYNAT; "true": y, no guide (PGD-AT, TRADES, MART, FAT, SAT); "lbgat": LBGAT
+    loss: str = "ce"  # with labels "true": "ce" PGD-AT (FAT with fat_tau), "trades" TRADES (SAT), "mart" MART
+    fat_tau: int = -1  # FAT's early-stopped PGD: a point stops at its (tau + 1)-th misclassified iterate (-1: off)
+    fat_omega: float = 0.001  # FAT's noise omega N(0, I) on each of its steps
+    sat_momentum: float = 0.9  # SAT's soft targets <- m soft + (1 - m) p(f_t(x))
 
-    def __post_init__(self):  # the radius and step default to the threat model's
-        for name, radius in (("epsilon", RADII[self.norm][0]), ("step_size", RADII[self.norm][1])):
-            object.__setattr__(self, name, radius if getattr(self, name) is None else getattr(self, name))
-
-
-RADII = {"linf": (8 / 255, 2 / 255), "l2": (128 / 255, 15 / 255)}  # (epsilon, step size) by default
+    def __post_init__(self):
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"Config.{name}={getattr(self, name)!r}: not one of {', '.join(map(repr, choices))}")
+        for name in ("inner", "clean_bn", "awp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Config.{name}={getattr(self, name)!r}: must be True or False")
+        for name, default in zip(("epsilon", "step_size"), RADII[self.norm]):
+            object.__setattr__(self, name, default if getattr(self, name) is None else getattr(self, name))
+        top = 1 if self.norm == "linf" else 100  # pixels are in [0, 1]; an L2 ball of radius 100 holds every image
+        for name, kind, ok, what in (
+                ("epsilon", numbers.Real, lambda v: 0 < v <= top, f"in (0, {top}] (pixels are in [0, 1])"),
+                ("step_size", numbers.Real, lambda v: 0 < v <= top, f"in (0, {top}]"),
+                ("num_steps", numbers.Integral, lambda v: v >= 0, ">= 0"),
+                ("fat_tau", numbers.Integral, lambda v: v >= -1, ">= -1 (-1: off)"),
+                *((n, numbers.Real, lambda v: 0 <= v < math.inf, "finite and >= 0")
+                  for n in ("beta", "alpha", "awp_gamma", "iseat", "fat_omega")),
+                *((n, numbers.Real, math.isfinite, "finite") for n in ("gair_lambda", "mail_bias", "mail_slope")),
+                *((n, numbers.Real, lambda v: 0 <= v < 1, "in [0, 1)") for n in ("label_smoothing", "sat_momentum"))):
+            v = getattr(self, name)
+            if not isinstance(v, kind) or isinstance(v, bool):
+                raise TypeError(f"Config.{name}={v!r}: must be a {'whole ' * (kind is numbers.Integral)}number")
+            if not ok(v):
+                raise ValueError(f"Config.{name}={v!r}: must be {what}")
+        if self.inner_label == "true" and not self.inner:
+            raise ValueError("Config.inner_label='true' is the label of inner's CE attack: set Config.inner=True")
+        if self.loss != "ce" and (self.labels != "true" or self.reweight != "none" or self.iseat > 0):
+            raise ValueError(f"Config.loss={self.loss!r} is {self.loss.upper()}'s own loss on the ground truth: it "
+                             "needs labels='true', and takes no reweight or iseat")
 
 
 def no_fp16(device):
@@ -335,109 +378,241 @@ def perturb(model, x, y, *, epsilon, step_size, num_steps, loss="ce", start="nor
             p.requires_grad_(r)
 
 
-def dynat_loss(target, guide, x, y, cfg=Config(), soft_labels=None):
-    """Algorithm 1 on one batch: (loss, stats), loss = L_g + beta L_t [+ variants] (Eq. 6); x float B x 3 x H x W
-    in [0, 1], y int64 B, both models in train mode (guide None with labels "true"). stats, detached: loss_guide
-    (L_g), loss_target (beta L_t + alpha KL), loss_iseat, dyn_correct (y_dyn == y); with SAT's soft_labels (B x C,
-    the batch's rows) also their update, stats["soft_labels"], for the caller to keep.
-    No hidden side effects: nothing is zeroed or stepped, the modes are kept, the target's weights never
-    written (AWP runs w + delta functionally); only BatchNorm statistics move, as in any train-mode forward:
-    the guide's on x, the target's on x' then x (clean_bn). Under torch.distributed AWP's weight gradient
-    is the global batch's (one all-reduce, weighted by len(x)), so every process must call this."""
-    stats = {}
-    # Eq. 4 and Eq. 3: the guide sees the clean batch once; its argmax is the dynamic label
-    if cfg.labels == "true":
-        loss_guide, logits_guide, y_train = x.new_zeros(()), None, y
+def dynat_loss(target, guide, x, y, cfg=Config()):
+    """Algorithm 1 on one batch: returns (loss, stats) for one optimizer step of BOTH models.
+
+    Pass both models in train mode (a model in eval mode is refused: BatchNorm would use its running statistics,
+    another loss), x float B x C x H x W with pixels in [0, 1] (the attack's ball and box are in pixels: a
+    normalisation belongs inside the model), y int64 B, and cfg a Config.
+    Returns loss = L_g + beta L_t (Eq. 6) [+ alpha KL, ISEAT], a scalar to call backward() on, and stats, detached:
+    loss_guide (L_g), loss_target (beta L_t [+ alpha KL]), dyn_correct (a count: how many of the B dynamic labels
+    equal y) and, with cfg.iseat, loss_iseat.
+    Step ONE optimizer over target.parameters() and guide.parameters() together: Eq. 6 minimises L_g + beta L_t
+    jointly, and a guide left out of the optimizer never learns (its labels stay at chance, the target fits them).
+    No hidden side effects: nothing is zeroed or stepped, the modes are kept, the target's weights never written
+    (AWP runs w + delta functionally); only BatchNorm statistics move, as in any train-mode forward: the guide's on
+    x, the target's on x' then x (cfg.clean_bn). Under torch.distributed every process must call it (AWP's
+    all-reduce)."""
+    if cfg.labels != "dynamic":
+        raise ValueError(f"Config.labels={cfg.labels!r} is not DYNAT: call training_loss, which picks that method")
+    require_train_mode(target=target, guide=guide)
+    logits_guide = f32(guide(x))  # the guide runs once, on the clean batch
+    y_dyn = logits_guide.detach().argmax(1)  # Eq. 3: the dynamic label, onehot(argmax f_g(x)); ties: the lowest index
+    loss_guide = F.cross_entropy(logits_guide, y)  # Eq. 4: L_g, the guide learns y
+    x_adv, kappa = attack(target, x, y if cfg.inner_label == "true" else y_dyn, cfg)  # Eq. 7 if cfg.inner, else KL
+
+    def beta_loss_target(logits_adv, logits_nat):  # beta L_t (+ alpha KL), at the weights the target is run at
+        ce = F.cross_entropy(logits_adv, y_dyn, reduction="none", label_smoothing=cfg.label_smoothing)  # Eq. 5: L_t
+        ce = ce * instance_weights(cfg, kappa, logits_adv, y_dyn)  # GAIRAT's or MAIL's weights (Tables 3-4), else 1
+        return cfg.beta * ce.mean() + tradeoff(cfg, logits_adv, logits_nat)
+
+    loss_target, logits_adv = target_term(target, x, x_adv, cfg, beta_loss_target)  # at w + delta under cfg.awp
+    loss = loss_guide + loss_target  # Eq. 6: L_g + beta L_t, one step of both models
+    stats = dict(loss_guide=loss_guide.detach(), loss_target=loss_target.detach(), dyn_correct=(y_dyn == y).sum())
+    return with_iseat(loss, stats, target, x, logits_adv, y_dyn, cfg)
+
+
+# ---------------------------------------------------------------- what DYNAT shares with the comparison methods
+
+def require_train_mode(**models):
+    """The losses train what they are given: a model left in eval mode would compute another loss, in silence."""
+    for name, model in models.items():
+        if model is None or not model.training:
+            raise ValueError(f"{name} is {'None' if model is None else 'in eval mode'}: pass a model in train mode "
+                             f"({name}.train())")
+
+
+def attack(target, x, label, cfg):
+    """perturb with cfg's threat model: CE on `label` if cfg.inner (Eq. 7, PGD-AT's), else TRADES's KL attack."""
+    return perturb(target, x, label, epsilon=cfg.epsilon, step_size=cfg.step_size, num_steps=cfg.num_steps,
+                   loss="ce" if cfg.inner else "kl", start=cfg.start, norm=cfg.norm, fat_tau=cfg.fat_tau,
+                   fat_omega=cfg.fat_omega)
+
+
+def instance_weights(cfg, kappa, logits_adv, label):
+    """Per-example weights of the target's loss, mean 1 in the batch: GAIRAT's from the attack's kappa,
+    (1 + tanh(lambda + 5 (1 - 2 kappa / K))) / 2, or MAIL's from the margin on f_t(x'),
+    sigmoid(slope (max_{j != label} p_j - p_label + bias)); 1 without cfg.reweight."""
+    if cfg.reweight == "gairat":
+        w = 0.5 * (1 + torch.tanh(cfg.gair_lambda + 5 * (1 - 2 * kappa.float() / max(cfg.num_steps, 1))))
+    elif cfg.reweight == "mail":
+        p = F.softmax(logits_adv.detach(), dim=1)
+        p_label = p.gather(1, label[:, None]).squeeze(1)
+        margin = p.masked_fill(F.one_hot(label, p.shape[1]).bool(), -1.0).amax(1) - p_label
+        w = torch.sigmoid(cfg.mail_slope * (margin + cfg.mail_bias))
     else:
-        logits_guide = f32(guide(x))
-        loss_guide = F.cross_entropy(logits_guide, y)
-        y_train = logits_guide.detach().argmax(1)  # one-hot argmax as a class index; ties -> lowest index
-        stats["dyn_correct"] = (y_train == y).sum()
+        return 1.0
+    return w / w.mean()
 
-    # Eq. 7 (--inner) or the TRADES/LBGAT KL attack, on the frozen target
-    x_adv, kappa = perturb(target, x, y if cfg.inner_label == "true" else y_train, epsilon=cfg.epsilon,
-                           step_size=cfg.step_size, num_steps=cfg.num_steps, loss="ce" if cfg.inner else "kl",
-                           start=cfg.start, norm=cfg.norm, fat_tau=cfg.fat_tau, fat_omega=cfg.fat_omega)
 
-    def target_loss(delta, logits_guide, clean_bn):
-        params = {n: p + delta[n] for n, p in target.named_parameters() if n in delta}
-        forward = (lambda inp: functional_call(target, params, (inp,))) if params else target
-        logits_nat = f32(forward(x)) if cfg.loss != "ce" else None  # TRADES, MART: f_t(x) first, as their releases
+def tradeoff(cfg, logits_adv, logits_nat):
+    """TRADES's term alpha KL(p(f_t(x)) || p(f_t(x'))), batch mean, gradient through both (0 when alpha is 0)."""
+    if cfg.alpha == 0:
+        return 0.0
+    return cfg.alpha * F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
+
+
+def target_term(target, x, x_adv, cfg, loss_fn, clean_first=False):
+    """A method's loss on the target, loss_fn(logits_adv, logits_nat), at w + delta under cfg.awp; returns
+    (loss, logits_adv). f_t(x) is run (logits_nat, else None) when clean_first (TRADES, MART: before f_t(x'), as
+    their releases) or when alpha > 0; with cfg.clean_bn (the release's habit) a no-grad one follows f_t(x') where
+    none ran. ISEAT's own f_t(x) (with_iseat) stands in for that one."""
+    def at(forward, clean_bn):
+        logits_nat = f32(forward(x)) if clean_first else None
         logits_adv = f32(forward(x_adv))
         if logits_nat is None and cfg.alpha > 0:
             logits_nat = f32(forward(x))
-        if clean_bn and (cfg.loss != "ce" or cfg.alpha == 0):  # the release's train-mode f_t(x) after f_t(x')
+        if clean_bn and (clean_first or cfg.alpha == 0):
             with torch.no_grad():
                 forward(x)
-        if cfg.labels == "lbgat":  # LBGAT: the target's logits regress the guide's (gradient into the guide)
-            per_example = F.mse_loss(logits_adv, logits_guide, reduction="none").mean(1)
-        elif cfg.loss == "mart":  # MART: BCE on f_t(x'), with its release's epsilons
-            p_adv = F.softmax(logits_adv, dim=1)
-            top2 = p_adv.argsort(dim=1)[:, -2:]
-            y_other = torch.where(top2[:, -1] == y_train, top2[:, -2], top2[:, -1])  # the likeliest wrong class
-            per_example = (F.cross_entropy(logits_adv, y_train, reduction="none")
-                           + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), y_other, reduction="none"))
-        elif soft_labels is not None:  # SAT: TRADES's clean CE on targets that drift to the model's predictions
-            soft = cfg.sat_momentum * soft_labels + (1 - cfg.sat_momentum) * F.softmax(logits_nat.detach(), dim=1)
-            stats["soft_labels"], w = soft, soft.amax(1)  # weights: the targets' confidence, sum B
-            per_example = F.cross_entropy(logits_nat, soft, reduction="none") * (w * len(w) / w.sum())
-        else:  # Eq. 5 on f_t(x'); TRADES: on f_t(x)
-            logits = logits_adv if cfg.loss == "ce" else logits_nat
-            per_example = F.cross_entropy(logits, y_train, reduction="none", label_smoothing=cfg.label_smoothing)
-        if cfg.reweight == "gairat":  # GAIRAT: w = (1 + tanh(lambda + 5 (1 - 2 kappa / K))) / 2, mean 1
-            w = 0.5 * (1 + torch.tanh(cfg.gair_lambda + 5 * (1 - 2 * kappa.float() / max(cfg.num_steps, 1))))
-            per_example = per_example * (w / w.mean())
-        elif cfg.reweight == "mail":  # MAIL: w = sigmoid(slope (max_{j != y} p_j - p_y + bias)) on f_t(x'), mean 1
-            p = F.softmax(logits_adv.detach(), dim=1)
-            p_y = p.gather(1, y_train[:, None]).squeeze(1)
-            margin = p.masked_fill(F.one_hot(y_train, p.shape[1]).bool(), -1.0).amax(1) - p_y
-            w = torch.sigmoid(cfg.mail_slope * (margin + cfg.mail_bias))
-            per_example = per_example * (w / w.mean())
-        loss = cfg.beta * per_example.mean()
-        if cfg.loss == "mart":  # MART: KL(p(f_t(x)) || p(f_t(x'))) weighted by 1 - p_y(f_t(x)), gradient through both
-            p_nat = F.softmax(logits_nat, dim=1)
-            kl = F.kl_div(torch.log(F.softmax(logits_adv, dim=1) + 1e-12), p_nat, reduction="none").sum(1)
-            loss = loss + cfg.alpha * (kl * (1.0000001 - p_nat.gather(1, y_train[:, None]).squeeze(1))).mean()
-        elif cfg.alpha > 0:
-            loss = loss + cfg.alpha * F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
-                                               reduction="batchmean")
-        return loss, logits_adv
+        return loss_fn(logits_adv, logits_nat), logits_adv
 
-    # AWP: one ascent step of the target's own loss in weight space, v_l = ||w_l|| g_l / ||g_l|| per
-    # conv/linear weight: a proxy model's single SGD step rescaled per layer (its learning rate cancels)
-    delta = {}
+    forward = awp_forward(target, x, lambda model: at(model, clean_bn=False)[0], cfg) if cfg.awp else target
+    return at(forward, clean_bn=cfg.clean_bn and cfg.iseat == 0)
+
+
+def awp_forward(target, x, loss_at, cfg):
+    """AWP (Wu et al. 2020): the target's forward at w + v, v_l = gamma ||w_l|| g_l / ||g_l|| per conv/linear
+    weight, g the gradient of the method's own loss loss_at(target) at w: a proxy model's single SGD ascent step
+    rescaled per layer (its learning rate cancels), without the proxy. Weights the forward never uses (the
+    sub_block1 of the WideResNet that TRADES, MART, GAIRAT and the DYNAT release ship) get no gradient and stay
+    as they are; BatchNorm statistics are left as they were, as a proxy's pass leaves the target's."""
+    saved = [b.clone() for b in target.buffers()]
+    try:
+        with no_fp16(x.device):
+            loss = loss_at(target)
+        named = [(n, p) for n, p in target.named_parameters() if p.ndim > 1 and p.requires_grad]
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    finally:  # after the backward: BatchNorm's backward reads the running statistics it saw
+        for b, s in zip(target.buffers(), saved):
+            b.copy_(s)
+    named, grads = [np for np, g in zip(named, grads) if g is not None], [g for g in grads if g is not None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flat = torch.cat([g.reshape(-1) for g in grads]) * len(x)  # each process's mean times its share of the batch
+        torch.distributed.all_reduce(flat)  # the global batch's gradient, up to a scale v does not see
+        grads = [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grads]), grads)]
+    # nan_to_num: a layer whose gradient overflowed (fp16) is left unperturbed this step
+    params = {n: p + torch.nan_to_num(cfg.awp_gamma * p.detach().norm() * g / (g.norm() + 1e-20), 0.0, 0.0, 0.0)
+              for (n, p), g in zip(named, grads)}
+    return (lambda inp: functional_call(target, params, (inp,))) if params else target
+
+
+def with_iseat(loss, stats, target, x, logits_adv, label, cfg):
+    """ISEAT (Li et al. 2023), with cfg.iseat > 0: adds lambda (1/B) sum_i w_i ||f_{w+v}(x'_i) - f_w(x_i)||^2, w_i = k/B
+    for the example of the k-th smallest vulnerability CE(f(x'_i), label_i) - CE(f(x_i), label_i)."""
+    if cfg.iseat == 0:
+        return loss, stats
+    logits_nat = f32(target(x))  # at w, train mode: the clean BatchNorm statistics of this step
+    vulnerability = (F.cross_entropy(logits_adv, label, reduction="none")
+                     - F.cross_entropy(logits_nat, label, reduction="none")).detach()
+    rank_weights = (vulnerability.argsort().argsort() + 1).float() / len(x)  # k-th smallest gets k/B
+    loss_iseat = cfg.iseat * (rank_weights * (logits_adv - logits_nat).pow(2).sum(1)).mean()
+    return loss + loss_iseat, {**stats, "loss_iseat": loss_iseat.detach()}
+
+
+# ---------------------------------------------------------------- the comparison methods, each as its release
+
+def pgd_at_loss(target, x, y, cfg=Config(labels="true")):
+    """PGD-AT (Madry et al. 2018, as Rice et al.'s release): beta CE(f_t(x'), y) on the attack's x'. Its rows'
+    variants: cfg.awp (AT-AWP), cfg.reweight (GAIRAT, MAIL-AT), cfg.fat_tau >= 0 (FAT: the attack stops early),
+    cfg.iseat (ISEAT). Returns (loss, stats) as dynat_loss, without a guide."""
+    require_train_mode(target=target)
+    x_adv, kappa = attack(target, x, y, cfg)
+
+    def loss_fn(logits_adv, logits_nat):
+        ce = F.cross_entropy(logits_adv, y, reduction="none", label_smoothing=cfg.label_smoothing)
+        ce = ce * instance_weights(cfg, kappa, logits_adv, y)
+        return cfg.beta * ce.mean() + tradeoff(cfg, logits_adv, logits_nat)
+
+    loss, logits_adv = target_term(target, x, x_adv, cfg, loss_fn)
+    return with_iseat(loss, dict(loss_target=loss.detach()), target, x, logits_adv, y, cfg)
+
+
+def trades_loss(target, x, y, cfg=Config(labels="true", loss="trades", alpha=6.0)):
+    """TRADES (Zhang et al. 2019, trades.py): beta CE(f_t(x), y) + alpha KL(p(f_t(x)) || p(f_t(x'))), x' from the
+    KL attack (TRADES's beta is our alpha). cfg.awp: TRADES-AWP."""
+    require_train_mode(target=target)
+    x_adv, _ = attack(target, x, y, cfg)
+
+    def loss_fn(logits_adv, logits_nat):
+        ce = F.cross_entropy(logits_nat, y, reduction="none", label_smoothing=cfg.label_smoothing)
+        return cfg.beta * ce.mean() + tradeoff(cfg, logits_adv, logits_nat)
+
+    loss, _ = target_term(target, x, x_adv, cfg, loss_fn, clean_first=True)
+    return loss, dict(loss_target=loss.detach())
+
+
+def sat_loss(target, x, y, soft_labels, cfg=Config(labels="true", loss="trades", alpha=6.0)):
+    """SAT (Huang et al. 2020) in its adversarial setting, TRADES with self-adaptive targets: TRADES's clean CE on
+    soft targets t <- m t + (1 - m) p(f_t(x)) (soft_labels: the batch's rows, B x C), each example weighted by
+    max_c t_c (normalised to sum B). stats["soft_labels"] holds the updated rows for the caller to keep."""
+    require_train_mode(target=target)
     if cfg.awp:
-        saved = [b.clone() for b in target.buffers()]  # a proxy's pass would leave BatchNorm statistics alone
-        try:
-            with no_fp16(x.device):
-                loss_awp, _ = target_loss({}, None if logits_guide is None else logits_guide.detach(), clean_bn=False)
-            named = [(n, p) for n, p in target.named_parameters() if p.ndim > 1 and p.requires_grad]
-            grads = torch.autograd.grad(loss_awp, [p for _, p in named])
-        finally:  # after the backward: BatchNorm's backward reads the running statistics it saw
-            for b, s in zip(target.buffers(), saved):
-                b.copy_(s)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flat = torch.cat([g.reshape(-1) for g in grads]) * len(x)
-            torch.distributed.all_reduce(flat)  # the global batch's gradient, up to a scale v does not see
-            grads = [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        # nan_to_num: a layer whose gradient overflowed is left unperturbed this step
-        delta = {n: torch.nan_to_num(cfg.awp_gamma * p.detach().norm() * g / (g.norm() + 1e-20), 0.0, 0.0, 0.0)
-                 for (n, p), g in zip(named, grads)}
+        raise ValueError("Config.awp=True: SAT's adversarial setting has no AWP")
+    x_adv, _ = attack(target, x, y, cfg)
+    stats = {}
 
-    # Eq. 5: the target learns y_dyn on x' (at w + delta under AWP); ISEAT's own f_t(x) refreshes the clean statistics
-    loss_target, logits_adv = target_loss(delta, logits_guide, clean_bn=cfg.clean_bn and cfg.iseat == 0)
-    loss = loss_guide + loss_target
-    stats.update(loss_guide=loss_guide.detach(), loss_target=loss_target.detach())
+    def loss_fn(logits_adv, logits_nat):
+        soft = cfg.sat_momentum * soft_labels + (1 - cfg.sat_momentum) * F.softmax(logits_nat.detach(), dim=1)
+        stats["soft_labels"], w = soft, soft.amax(1)
+        ce = F.cross_entropy(logits_nat, soft, reduction="none") * (w * len(w) / w.sum())
+        return cfg.beta * ce.mean() + tradeoff(cfg, logits_adv, logits_nat)
 
-    if cfg.iseat > 0:  # ISEAT: rank-weighted logit change between f_{w+delta}(x') and f_w(x)
-        logits_nat = f32(target(x))
-        vulnerability = (F.cross_entropy(logits_adv, y_train, reduction="none")
-                         - F.cross_entropy(logits_nat, y_train, reduction="none")).detach()
-        rank_weights = (vulnerability.argsort().argsort() + 1).float() / len(x)  # k-th smallest gets k/B
-        loss_iseat = cfg.iseat * (rank_weights * (logits_adv - logits_nat).pow(2).sum(1)).mean()
-        loss = loss + loss_iseat
-        stats["loss_iseat"] = loss_iseat.detach()
-    return loss, stats
+    loss, _ = target_term(target, x, x_adv, cfg, loss_fn, clean_first=True)
+    return loss, dict(stats, loss_target=loss.detach())
+
+
+def mart_loss(target, x, y, cfg=Config(labels="true", loss="mart", alpha=6.0, inner=True, clean_bn=False)):
+    """MART (Wang et al. 2020, its release's loss): beta [CE(f_t(x'), y) + BCE on the likeliest wrong class]
+    + alpha KL(p(f_t(x)) || p(f_t(x'))) weighted by 1 - p_y(f_t(x)), with its release's epsilons. cfg.awp:
+    MART-AWP."""
+    require_train_mode(target=target)
+    x_adv, _ = attack(target, x, y, cfg)
+
+    def loss_fn(logits_adv, logits_nat):
+        p_adv, p_nat = F.softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1)
+        top2 = p_adv.argsort(dim=1)[:, -2:]
+        y_wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])  # the likeliest wrong class
+        bce = (F.cross_entropy(logits_adv, y, reduction="none")
+               + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), y_wrong, reduction="none"))
+        kl = F.kl_div(torch.log(F.softmax(logits_adv, dim=1) + 1e-12), p_nat, reduction="none").sum(1)
+        return cfg.beta * bce.mean() + cfg.alpha * (kl * (1.0000001 - p_nat.gather(1, y[:, None]).squeeze(1))).mean()
+
+    loss, _ = target_term(target, x, x_adv, cfg, loss_fn, clean_first=True)
+    return loss, dict(loss_target=loss.detach())
+
+
+def lbgat_loss(target, guide, x, y, cfg=Config(labels="lbgat")):
+    """LBGAT (Cui et al. 2021): the guide (their natural model) learns CE(f_g(x), y) and the target's logits on x'
+    regress the guide's, beta MSE(f_t(x'), f_g(x)), the gradient reaching both models; alpha: LBGAT + TRADES's KL
+    (their CIFAR-100 model). The attack's CE label, MAIL's weights (Table 4's "MAIL (MSE)") and ISEAT's take the
+    guide's argmax, as DYNAT's."""
+    require_train_mode(target=target, guide=guide)
+    logits_guide = f32(guide(x))
+    loss_guide = F.cross_entropy(logits_guide, y)
+    y_guide = logits_guide.detach().argmax(1)
+    x_adv, kappa = attack(target, x, y if cfg.inner_label == "true" else y_guide, cfg)
+
+    def loss_fn(logits_adv, logits_nat):
+        mse = F.mse_loss(logits_adv, logits_guide, reduction="none").mean(1)
+        mse = mse * instance_weights(cfg, kappa, logits_adv, y_guide)  # MAIL's weights: Table 4's "MAIL (MSE)"
+        return cfg.beta * mse.mean() + tradeoff(cfg, logits_adv, logits_nat)
+
+    loss_target, logits_adv = target_term(target, x, x_adv, cfg, loss_fn)
+    stats = dict(loss_guide=loss_guide.detach(), loss_target=loss_target.detach(), dyn_correct=(y_guide == y).sum())
+    return with_iseat(loss_guide + loss_target, stats, target, x, logits_adv, y_guide, cfg)
+
+
+def training_loss(target, guide, x, y, cfg=Config(), soft_labels=None):
+    """The method cfg names, as dynat.py trains it: DYNAT (labels "dynamic"), LBGAT ("lbgat"), or with labels "true"
+    PGD-AT (loss "ce"), TRADES ("trades"; SAT when given soft_labels) or MART ("mart"). guide: None with "true"."""
+    if cfg.labels == "dynamic":
+        return dynat_loss(target, guide, x, y, cfg)
+    if cfg.labels == "lbgat":
+        return lbgat_loss(target, guide, x, y, cfg)
+    if soft_labels is not None:
+        return sat_loss(target, x, y, soft_labels, cfg)
+    return {"ce": pgd_at_loss, "trades": trades_loss, "mart": mart_loss}[cfg.loss](target, x, y, cfg)
 # ============================================================================== END DYNAT BLOCK
 
 
@@ -497,7 +672,7 @@ STOP_SIGNALS, STOP_FLAGS = (signal.SIGINT, signal.SIGTERM), ("stop_sigint", "sto
 
 def train_step(target, guide, optimizer, scaler, x, y, cfg, *, amp=None, guide_only=False, share=1.0, world=1,
                sync_buffers=True, clip=None, stop_flags=(), soft_labels=None, batch=None, ema=None):
-    """Eq. 6's joint minimisation: dynat_loss (--guide-warmup: Eq. 4 alone), backward, gradients averaged across
+    """Eq. 6's joint minimisation: training_loss (--guide-warmup: Eq. 4 alone), backward, gradients averaged across
     processes, one SGD step of both models. Returns STEP_STATS (losses times this process's `share`) and the
     STOP_FLAGS summed over the processes, in one tensor on the device: the loop reads it once per step.
     soft_labels: SAT's targets of every training image (N x C), updated here at the global `batch`'s indices.
@@ -510,7 +685,7 @@ def train_step(target, guide, optimizer, scaler, x, y, cfg, *, amp=None, guide_o
             loss = F.cross_entropy(logits_guide, y)
             stats = {"loss_guide": loss.detach(), "dyn_correct": (logits_guide.detach().argmax(1) == y).sum()}
         else:
-            loss, stats = dynat_loss(target, guide, x, y, cfg, soft_labels=rows)
+            loss, stats = training_loss(target, guide, x, y, cfg, soft_labels=rows)
     if rows is not None:  # SAT: the global batch's new targets, the same on every process
         new = stats["soft_labels"]
         if world > 1:
@@ -532,7 +707,7 @@ def train_step(target, guide, optimizer, scaler, x, y, cfg, *, amp=None, guide_o
     scaler.update()
     if ema is not None:
         update_ema(ema[0], target, ema[1])
-    zero = stats["loss_guide"].new_zeros(())  # zero + flag: a fill on the device, not a copy that waits for it
+    zero = loss.new_zeros(())  # zero + flag: a fill on the device, not a copy that waits for it
     values = torch.stack([stats.get(k, zero).float() * (share if k.startswith("loss") else 1.0) for k in STEP_STATS]
                          + [zero + flag for flag in stop_flags])
     if world > 1:
@@ -990,7 +1165,7 @@ def train(args, ckpt=None):
             "epoch 1, x0.1 after 75 % and x0.01 after 90 % of the epochs): a run this short learns little")
     if args.amp == "fp16" and device.type == "cpu":
         log("note: --amp fp16 has no fast kernels on a CPU (tens of times slower than bf16): use --amp bf16 or none")
-    prov, flags = provenance(), Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    prov, flags = provenance(), config_of(args)
     weights = lambda: {"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else None,
                        "ema": None if ema is None else ema.state_dict(), "classes": classes, "args": vars(args),
                        "provenance": prov}  # in every checkpoint

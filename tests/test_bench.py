@@ -39,7 +39,7 @@ def test_counted_flops_of_a_step_equal_the_pass_count(kw, target_passes):
     assert f_target > 0 and f_guide > 0
 
     def step():
-        loss, _ = dynat.dynat_loss(target, guide, x, y, dynat.Config(num_steps=K, **kw))
+        loss, _ = dynat.training_loss(target, guide, x, y, dynat.Config(num_steps=K, **kw))
         loss.backward()
     counted = bench.count_flops(step)
     expected = target_passes * f_target + 3 * f_guide

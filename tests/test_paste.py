@@ -1,9 +1,11 @@
 """The block a researcher pastes, and dynat.py copied alone, work in someone else's project.
 
-The block (BEGIN DYNAT BLOCK ... END DYNAT BLOCK of dynat.py) is extracted as text and run in a fresh
-interpreter beside a `models/` package of another project's (every research repository has one). Its loss,
-statistics, both models' gradients and BatchNorm buffers must equal the full script's bitwise, variant by
-variant, on that project's own networks.
+The block is extracted as the README tells a researcher to, with the plain sed range over its two markers, and run
+in a fresh interpreter beside a `models/` package of another project's (every research repository has one). Its
+loss, statistics, both models' gradients and BatchNorm buffers must equal the full script's bitwise, method by
+method, on that project's own networks. There too: AWP on a network with weights its forward never uses (the
+WideResNet that TRADES, MART, GAIRAT and the DYNAT release ship), mistyped settings refused by name, eval-mode
+models refused.
 """
 import json
 import os
@@ -11,12 +13,13 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 THEIR_MODELS = '''
-"""Another project's models package: names that clash with ours, and its own network."""
+"""Another project's models package: names that clash with ours, and its own networks."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -32,9 +35,17 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+class NetWithUnused(Net):
+    """Net with a block its forward never calls, as the sub_block1 of TRADES's WideResNet (built last)."""
+
+    def __init__(self, classes=10):
+        super().__init__(classes)
+        self.sub_block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
 '''
 
-# (name, Config keywords, autocast dtype or None): every variant of the block
+# (name, Config keywords, autocast dtype or None): every method of the block, and DYNAT's variants
 VARIANTS = [
     ("kl-attack", {}, None),
     ("inner", {"inner": True}, None),
@@ -45,40 +56,94 @@ VARIANTS = [
     ("iseat-awp", {"inner": True, "awp": True, "iseat": 0.1}, None),
     ("no-clean-bn", {"inner": True, "clean_bn": False}, None),
     ("bf16-awp", {"awp": True, "inner": True}, "bfloat16"),
+    ("pgd-at-awp", {"labels": "true", "inner": True, "start": "uniform", "awp": True}, None),
+    ("trades-awp", {"labels": "true", "loss": "trades", "alpha": 6.0, "awp": True}, None),
+    ("mart", {"labels": "true", "loss": "mart", "alpha": 6.0, "inner": True}, None),
+    ("fat", {"labels": "true", "inner": True, "fat_tau": 1}, None),
+    ("sat", {"labels": "true", "loss": "trades", "alpha": 6.0, "sat": True}, None),
 ]
+
+# what a researcher mistypes (TRADES's own spellings among them), and the field its refusal must name
+MISTYPED = [({"loss": "CE"}, "loss"), ({"labels": "dyn"}, "labels"), ({"reweight": "GAIRAT"}, "reweight"),
+            ({"start": "Uniform"}, "start"), ({"norm": "l_inf"}, "norm"), ({"epsilon": "8/255"}, "epsilon"),
+            ({"epsilon": 8.0}, "epsilon"), ({"epsilon": 0.0}, "epsilon"), ({"step_size": -0.01}, "step_size"),
+            ({"step_size": 0}, "step_size"), ({"num_steps": -1}, "num_steps"), ({"num_steps": 2.5}, "num_steps"),
+            ({"beta": "1"}, "beta"), ({"alpha": float("nan")}, "alpha"), ({"inner": "False"}, "inner"),
+            ({"label_smoothing": 1.0}, "label_smoothing"), ({"inner_label": "true"}, "inner_label"),
+            ({"loss": "trades"}, "loss")]
 
 DRIVER = '''
 import json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
-from {module} import Config, dynat_loss
-from models import Net
+from {module} import Config, training_loss, dynat_loss
+from models import Net, NetWithUnused
+
+
+def pair(net):
+    """A target and a guide, each with its own seed: a block built after the used layers changes neither."""
+    torch.manual_seed(0)
+    target = net()
+    torch.manual_seed(10)
+    return target, net()
+
+
+def step(kw, dtype, target, guide):
+    torch.manual_seed(2)
+    x, y = torch.rand(8, 3, 12, 12), torch.randint(0, 10, (8,))
+    torch.manual_seed(1)
+    soft = torch.full((8, 10), 0.1) if kw.pop("sat", False) else None
+    if kw.get("labels") == "true":
+        guide = None
+    with torch.autocast("cpu", dtype=getattr(torch, dtype or "float32"), enabled=dtype is not None):
+        loss, stats = training_loss(target, guide, x, y, Config(**kw), soft_labels=soft)
+    loss.backward()
+    models = [(m, model) for m, model in (("target", target), ("guide", guide)) if model is not None]
+    return dict(loss=loss.detach(), stats=stats,
+                grads={{f"{{m}}.{{n}}": p.grad for m, model in models for n, p in model.named_parameters()
+                       if p.grad is not None}},
+                buffers={{f"{{m}}.{{n}}": b for m, model in models for n, b in model.named_buffers()
+                         if "sub_block1" not in n}})
+
 
 out = {{}}
 for name, kw, dtype in json.loads(sys.argv[2]):
-    torch.manual_seed(0)
+    out[name] = step(kw, dtype, *pair(Net))
+for name, kw in (("unused-awp", dict(awp=True, inner=True)), ("unused-pgd-at-awp", dict(labels="true", awp=True))):
+    out[name] = dict(with_unused=step(dict(kw), None, *pair(NetWithUnused)), without=step(dict(kw), None, *pair(Net)))
+refused = []
+for kw, field in json.loads(sys.argv[3]):
+    try:
+        Config(**kw)
+        refused.append([field, "accepted"])
+    except (ValueError, TypeError) as e:
+        refused.append([field, type(e).__name__ + ": " + str(e)])
+out["refused"] = refused
+eval_mode = []
+for who in ("target", "guide"):
     target, guide = Net(), Net()
-    x, y = torch.rand(8, 3, 12, 12), torch.randint(0, 10, (8,))
-    torch.manual_seed(1)
-    with torch.autocast("cpu", dtype=getattr(torch, dtype or "float32"), enabled=dtype is not None):
-        loss, stats = dynat_loss(target, guide if kw.get("labels") != "true" else None, x, y, Config(**kw))
-    loss.backward()
-    out[name] = dict(loss=loss.detach(), stats=stats,
-                     grads={{f"{{m}}.{{n}}": p.grad for m, model in (("target", target), ("guide", guide))
-                            for n, p in model.named_parameters() if p.grad is not None}},
-                     buffers={{f"{{m}}.{{n}}": b for m, model in (("target", target), ("guide", guide))
-                              for n, b in model.named_buffers()}})
-torch.save(out, sys.argv[3])
+    dict(target=target, guide=guide)[who].eval()
+    try:
+        dynat_loss(target, guide, torch.rand(4, 3, 12, 12), torch.randint(0, 10, (4,)), Config())
+        eval_mode.append([who, "accepted"])
+    except ValueError as e:
+        eval_mode.append([who, str(e)])
+out["eval_mode"] = eval_mode
+torch.save(out, sys.argv[4])
 '''
 
 
 def block_text():
+    """The block as the README tells a researcher to extract it: the plain sed range over its markers."""
     with open(os.path.join(ROOT, "dynat.py")) as f:
-        lines = f.read().splitlines(keepends=True)
-    marker = lambda i, word: lines[i].startswith("# ====") and lines[i].rstrip().endswith(f"{word} DYNAT BLOCK")
-    begin, end = (next(i for i in range(len(lines)) if marker(i, word)) for word in ("BEGIN", "END"))
-    assert sum(marker(i, "BEGIN") or marker(i, "END") for i in range(len(lines))) == 2  # marked at both ends, once
-    return "".join(lines[begin:end + 1])
+        text = f.read()
+    assert text.count("BEGIN DYNAT BLOCK") == 1 and text.count("END DYNAT BLOCK") == 1  # each marker once
+    r = subprocess.run(["sed", "-n", "/BEGIN DYNAT BLOCK/,/END DYNAT BLOCK/p", "dynat.py"], cwd=ROOT,
+                       capture_output=True, text=True, check=True)
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("# ====") and lines[-1].startswith("# ====") and lines[-1].endswith("END DYNAT BLOCK")
+    assert "def dynat_loss(" in r.stdout and "def training_loss(" in r.stdout
+    return r.stdout
 
 
 def their_project(tmp_path):
@@ -90,30 +155,66 @@ def their_project(tmp_path):
 def run_driver(project, module, out):
     driver = project / "driver.py"
     driver.write_text(DRIVER.format(module=module))
-    r = subprocess.run([sys.executable, str(driver), str(project), json.dumps(VARIANTS), str(out)], cwd=project,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, str(driver), str(project), json.dumps(VARIANTS), json.dumps(MISTYPED),
+                        str(out)], cwd=project, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
 
-def test_the_pasted_block_alone_computes_what_dynat_py_computes_bitwise(tmp_path):
+def assert_same(a, b, name):
+    assert torch.equal(a["loss"], b["loss"]), name
+    for part in ("stats", "grads", "buffers"):
+        assert a[part].keys() == b[part].keys() and a[part], (name, part)
+        different = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not different, (name, part, different)
+
+
+@pytest.fixture(scope="module")
+def pasted_and_full(tmp_path_factory):
+    """The driver's results with the pasted block alone, and with the whole dynat.py, beside their models."""
+    tmp_path = tmp_path_factory.mktemp("paste")
     block = block_text()
     imports = [line for line in block.splitlines() if line.startswith(("import ", "from "))]
-    assert imports and all(line.split()[1].split(".")[0] in ("torch", "contextlib", "dataclasses") for line in imports)
+    stdlib = ("contextlib", "dataclasses", "math", "numbers")
+    assert imports and all(line.split()[1].split(".")[0] in ("torch", *stdlib) for line in imports)
     pasted = their_project(tmp_path / "theirs")
     (pasted / "pasted.py").write_text(block)  # the block's text, nothing else
     full = their_project(tmp_path / "full")
     (full / "dynat.py").write_text(open(os.path.join(ROOT, "dynat.py")).read())
-    a = run_driver(pasted, "pasted", tmp_path / "pasted.pt")
-    b = run_driver(full, "dynat", tmp_path / "full.pt")
-    assert sorted(a) == sorted(name for name, _, _ in VARIANTS) == sorted(b)
-    for name in a:
-        assert torch.equal(a[name]["loss"], b[name]["loss"]), name
-        for part in ("stats", "grads", "buffers"):
-            assert a[name][part].keys() == b[name][part].keys() and a[name][part], (name, part)
-            different = [k for k in a[name][part] if not torch.equal(a[name][part][k], b[name][part][k])]
-            assert not different, (name, part, different)
-    assert a["awp-alpha-beta"]["grads"].keys() >= {"target.conv.weight", "guide.fc.weight"}
+    return run_driver(pasted, "pasted", tmp_path / "pasted.pt"), run_driver(full, "dynat", tmp_path / "full.pt")
+
+
+def test_the_pasted_block_alone_computes_what_dynat_py_computes_bitwise(pasted_and_full):
+    pasted, full = pasted_and_full
+    for name, _, _ in VARIANTS:
+        assert_same(pasted[name], full[name], name)
+    assert pasted["awp-alpha-beta"]["grads"].keys() >= {"target.conv.weight", "guide.fc.weight"}
+    assert "soft_labels" in pasted["sat"]["stats"] and not any(k.startswith("guide") for k in pasted["mart"]["grads"])
+
+
+def test_pasted_awp_leaves_weights_the_forward_never_uses_alone(pasted_and_full):
+    """AWP neither fails on a sub_block1 the forward never calls nor lets it change anything: the network with it
+    computes, bitwise, what the network without it computes (loss, statistics, gradients, BatchNorm buffers)."""
+    for name in ("unused-awp", "unused-pgd-at-awp"):
+        run = pasted_and_full[0][name]
+        assert_same(run["with_unused"], run["without"], name)
+        assert not any("sub_block1" in k for k in run["with_unused"]["grads"])
+
+
+def test_pasted_config_refuses_every_mistyped_setting_by_name(pasted_and_full):
+    for field, outcome in pasted_and_full[0]["refused"]:
+        assert outcome.startswith(("ValueError: Config.", "TypeError: Config.")), (field, outcome)
+        assert f"Config.{field}=" in outcome, (field, outcome)
+    outcomes = dict(pasted_and_full[0]["refused"])
+    assert "'ce', 'trades', 'mart'" in outcomes["loss"] or "labels='true'" in outcomes["loss"]
+    assert "'linf', 'l2'" in outcomes["norm"] and outcomes["epsilon"].startswith("ValueError")
+
+
+def test_pasted_dynat_loss_refuses_a_model_in_eval_mode(pasted_and_full):
+    assert [who for who, _ in pasted_and_full[0]["eval_mode"]] == ["target", "guide"]
+    for who, outcome in pasted_and_full[0]["eval_mode"]:
+        assert outcome.startswith(f"{who} is in eval mode"), (who, outcome)
 
 
 def test_dynat_py_copied_alone_into_another_project_trains_its_networks(tmp_path):
