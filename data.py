@@ -178,10 +178,11 @@ def augment(x):
     return padded.flatten(2).gather(2, idx).view_as(x)
 
 
-def train_batch(images, labels, idx, device, channels_last=False):
+def train_batch(images, labels, idx, device, channels_last=False, augmented=True):
     """Batch `idx` of the dataset (uint8 N x 3 x H x W and int64 N, on the device): float [0, 1]
-    B x 3 x H x W, augmented, channels_last when asked, and its labels."""
-    x = augment(to_input(images[idx], device))
+    B x 3 x H x W, augmented unless not `augmented`, channels_last when asked, and its labels."""
+    x = to_input(images[idx], device)
+    x = augment(x) if augmented else x
     return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[idx]
 
 

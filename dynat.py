@@ -92,6 +92,8 @@ def get_parser():
     a("--target", default="wrn-34-10", help="target model f_t: resnet18 or wrn-D-K (D = 6n+4), e.g. wrn-16-2")
     a("--guide", default="resnet18", help="guide model f_g (same choices)")
     a("--val-size", type=int, default=0, help="training images held out to choose best.pt on (0: no best.pt)")
+    a("--augment", action=argparse.BooleanOptionalAction, default=True,
+      help="random crop (4-pixel zero padding) and horizontal flip of every training batch (Sec. 4.1)")
     # optimisation (Sec. 4.1)
     a("--epochs", type=int, default=100, help="epochs of Algorithm 1")
     a("--batch-size", type=int, default=128, help="global batch size m (split across processes)")
@@ -1198,7 +1200,8 @@ def train(args, ckpt=None):
                 # every random draw of a step is a function of (seed, epoch, step): a resumed run continues exactly
                 torch.manual_seed(step_seed(args.seed, epoch, step, 0))
                 decay = min(args.ema, (1 + ema_steps) / (10 + ema_steps))  # ramped up as TF's EMA: (1 + t) / (10 + t)
-                x, y = sibling("data").train_batch(images, labels, batches[step], device, args.channels_last)
+                x, y = sibling("data").train_batch(images, labels, batches[step], device, args.channels_last,
+                                                   args.augment)
                 share = 1.0
                 if world > 1:  # the global batch augmented identically everywhere, then split; own attack seeds
                     x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]

@@ -1095,3 +1095,22 @@ def test_dynat_loss_attacks_in_the_l2_ball_with_its_default_radius(spy, inner):
     assert (spy["attack"]["epsilon"], spy["attack"]["step_size"]) == (128 / 255, 15 / 255)
     assert (spy["x_adv"] - x).flatten(1).norm(dim=1).max() <= 128 / 255 * (1 + 1e-5)
 
+
+# ----------------------------------------------------------------------------- data augmentation
+
+def test_training_batches_are_cropped_and_flipped_unless_augmentation_is_off():
+    """Sec. 4.1's augmentation (4-pixel zero-padded crop, horizontal flip) on every batch; --no-augment (the
+    Fashion-MNIST regime's setting) hands the images over as they are, in [0, 1]."""
+    data = dynat.sibling("data")
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(1, 256, (64, 3, 12, 12), dtype=torch.uint8, generator=g), torch.arange(64) % 10
+    idx = torch.arange(64)
+    plain, y = data.train_batch(images, labels, idx, "cpu", augmented=False)
+    assert torch.equal(plain, images.float() / 255) and torch.equal(y, labels)
+    torch.manual_seed(0)
+    x, _ = data.train_batch(images, labels, idx, "cpu")
+    padded = F.pad(images.float() / 255, (4, 4, 4, 4))
+    for i in range(64):  # each image is one of the 9 x 9 crops of its padded self, or that crop mirrored
+        crops = padded[i].unfold(1, 12, 1).unfold(2, 12, 1).permute(1, 2, 0, 3, 4).reshape(81, 3, 12, 12)
+        assert any(torch.equal(x[i], c) or torch.equal(x[i], c.flip(-1)) for c in crops), i
+    assert (x != plain).flatten(1).any(1).float().mean() > 0.8  # almost every image moved
