@@ -254,9 +254,11 @@ class Config:
     epsilon: float = None  # its radius in [0, 1] pixels; None: 8/255 (the paper writes 0.031); l2: 128/255
     step_size: float = None  # None: 2/255; l2: 15/255 (Rice et al. 2020's and AWP's CIFAR L2 setting)
     num_steps: int = 10  # K, the attack's steps
-    inner: bool = False  # attack CE(f_t(x'), y_dyn) (Eq. 7: the "-Inner" rows); False: KL(p(f_t(x)) || p(f_t(x')))
+    inner: bool = False  # attack CE(f_t(x'), y_dyn) (Eq. 7, "-Inner" rows); False: the KL attack, the release's
+                         # reading of the plain rows (a comment in its code; the paper names no attack there)
     inner_label: str = "train"  # the label of inner's CE attack: "train" the one the target learns (y_dyn), "true" y
-    start: str = "normal"  # x + 0.001 N(0, I) (the release, TRADES, MART, LBGAT); "uniform" in the ball (PGD-AT, AWP)
+    start: str = "normal"  # the release's habit (the paper names none): x + 0.001 N(0, I), as TRADES, MART, LBGAT;
+                           # "uniform" in the ball (PGD-AT, AWP, GAIRAT, FAT)
     beta: float = 1.0  # weight of L_t in Eq. 6 (the paper: 1; 0.2 for the AWP rows on CIFAR-100)
     alpha: float = 0.0  # weight of TRADES's KL(p(f_t(x)) || p(f_t(x'))) added to the target's loss (DYNAT-AWP's alpha)
     clean_bn: bool = True  # the release's habit: a no-grad train-mode f_t(x) after f_t(x'), BN statistics of both
