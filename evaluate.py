@@ -41,7 +41,7 @@ COLUMNS = {"clean": "Clean", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": 
 # --resume refuses an out-dir evaluated with other values of these: they change the numbers.
 # batch_size too: AutoAttack draws its random starts per batch.
 SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "images_sha256", "n", "norm", "epsilon", "step_size",
-            "restarts", "seed", "amp", "batch_size", "device")  # device: another device's kernels round differently
+            "restarts", "seed", "amp", "batch_size", "device", "dry_run")  # device: another device's kernels round differently
 MODELS = {"target": "target", "guide": "guide", "target-ema": "ema"}  # --model: the checkpoint's key
 NORMS = {"linf": "L-inf", "l2": "L2"}
 
@@ -75,7 +75,10 @@ def get_parser():
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--out-dir", default=None,
       help="where results go (unset: <checkpoint dir>/eval_<checkpoint name>_<model>_<digest of the settings>)")
-    a("--resume", action="store_true", help="continue the evaluation in --out-dir (finished attacks are kept)")
+    a("--resume", action="store_true", help="continue the evaluation in --out-dir if it holds one with the same "
+      "settings (finished attacks are kept; a finished one is printed again), else start it")
+    a("--dry-run", action="store_true", help="smoke tests: PGD/C&W of one step, AutoAttack's stages of one iteration, "
+      "one target class and 10 Square queries (the numbers mean nothing)")
     a("--overwrite", action="store_true", help="start again in an --out-dir that holds an earlier evaluation")
     return p
 
@@ -147,7 +150,8 @@ def resolve_checkpoint(args, log):
 
 # ----------------------------------------------------------------------------- attacks
 
-def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, device, classes, state_path, progress):
+def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, device, classes, state_path, progress,
+               dry_run=False):
     """Robust flags under AutoAttack "standard" (name "aa") or one of its stages, in float32.
 
     This is run_standard_evaluation's own loop, one library call per batch and stage: each stage
@@ -166,6 +170,10 @@ def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, de
                                  seed=seed, device=device)
     # The standard 9 target classes need 10 classes; with fewer, APGD-T/FAB-T would index past the logits.
     aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, classes - 1)
+    if dry_run:  # every stage runs, at its smallest
+        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = 1
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 1
+        aa.square.n_queries = 10
     stages = AA_STAGES if name == "aa" else [name]
     for number, stage in enumerate(stages, 1):
         if stage in state["done"]:
@@ -300,30 +308,30 @@ def open_out_dir(args, meta, attacks, stack):
     evaluation finished there (with --resume). By default its name carries a digest of every setting:
     evaluations with other settings (attacks, n, epsilon, ..., other weights) never share a directory,
     and nothing is overwritten unasked."""
-    digest = hashlib.sha256(json.dumps({k: meta[k] for k in SETTINGS + ("attacks",)}, sort_keys=True).encode())
+    named = {k: meta[k] for k in SETTINGS + ("attacks",) if k != "dry_run" or meta[k]}  # digests as before
+    digest = hashlib.sha256(json.dumps(named, sort_keys=True).encode())
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                            f"eval_{stem}_{args.model}_{digest.hexdigest()[:8]}")
     results_path = os.path.join(out_dir, "results.json")
     done, seconds = {}, {}
     earlier = os.path.isfile(results_path) or glob.glob(os.path.join(out_dir, "autoattack_*.json"))
-    if args.resume:
-        if not os.path.isfile(results_path):
-            raise dynat.UsageError(f"--resume: no earlier evaluation in {out_dir}")
+    resuming = args.resume and os.path.isfile(results_path)  # else --resume starts the evaluation
+    if resuming:
         with open(results_path) as f:
             prev = json.load(f)
         for key in SETTINGS:
-            if prev.get(key) != meta[key]:
+            if prev.get(key, False if key == "dry_run" else None) != meta[key]:
                 raise dynat.UsageError(f"--resume: {out_dir} was evaluated with {key} = {prev.get(key)!r}, "
                                        f"not {meta[key]!r}; pass --out-dir elsewhere or --overwrite")
         with np.load(os.path.join(out_dir, "per_example.npz")) as f:
             done = {a: torch.from_numpy(f[a]) for a in attacks if a in f.files and a in prev["seconds"]}
         seconds = {a: prev["seconds"][a] for a in done}
-    elif earlier and not args.overwrite:
+    elif earlier and not (args.overwrite or args.resume):
         raise dynat.UsageError(f"{out_dir} holds an earlier evaluation with the same settings: pass --resume "
                                "to continue it or --overwrite to start again")
     stack.enter_context(dynat.own_out_dir(out_dir, "evaluate.py"))  # refused while a live evaluation writes there
-    if not args.resume:  # a stale AutoAttack state would otherwise be continued
+    if not resuming:  # a stale AutoAttack state would otherwise be continued
         for path in glob.glob(os.path.join(out_dir, "autoattack_*.json")):
             os.remove(path)
     return out_dir, done, seconds
@@ -336,9 +344,9 @@ def attack(name, model, x, y, clean, args, out_dir, progress, amp, classes, **co
     if name in AUTOATTACK:
         return autoattack(model, x, y, clean, name, norm=args.norm, epsilon=args.epsilon, seed=args.seed,
                           batch_size=args.batch_size, device=common["device"], classes=classes, progress=progress,
-                          state_path=os.path.join(out_dir, f"autoattack_{name}.json"))
+                          state_path=os.path.join(out_dir, f"autoattack_{name}.json"), dry_run=args.dry_run)
     loss, steps = re.fullmatch(r"(pgd|cw)(\d+)", name).groups()
-    settings = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=int(steps),
+    settings = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=1 if args.dry_run else int(steps),
                     loss="ce" if loss == "pgd" else "cw", start="uniform", norm=args.norm)
     with progress(0, column(name)) as bar, dynat.autocast(common["device"], amp):
         return dynat.robust_mask(model, x, y, settings, clean=clean, restarts=args.restarts, progress=bar, **common)
@@ -388,6 +396,7 @@ def run(args, stack):
             "norm": args.norm, "epsilon": args.epsilon, "step_size": args.step_size, "restarts": args.restarts,
             "seed": args.seed,
             "amp": args.amp, "batch_size": args.batch_size, "attacks": ["clean"] + attacks, "device": str(device),
+            "dry_run": args.dry_run,
             "precision": {a: "float32" if a == "clean" or a in AUTOATTACK else attack_precision
                           for a in ["clean"] + attacks},
             **provenance()}
@@ -409,7 +418,7 @@ def run(args, stack):
         log(f"warning: clean accuracy is near chance ({classes} classes): wrong checkpoint, --model or --dataset?")
     for name in done:  # the attacks an interrupted run finished: in every results.json from now on
         masks[name] = done[name] & masks["clean"]
-        log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% (kept from the interrupted run)")
+        log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% (kept from the earlier evaluation)")
     save_outputs(out_dir, meta, masks, seconds, complete=False)
     for name in attacks:
         if name in done:

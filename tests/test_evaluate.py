@@ -557,3 +557,38 @@ def test_autoattack_on_a_whole_cifar_test_set_writes_robustbench_model_info(fold
         info = json.load(f)
     assert (info["eps"], info["architecture"], info["clean_acc"], info["autoattack_acc"]) == ("0.5", "ResNet-18",
                                                                                               "100.00", "0.00")
+
+
+def test_resume_starts_a_new_evaluation_and_repeats_a_finished_one_with_exit_0(folder, capsys, tmp_path, monkeypatch):
+    """--resume means "continue it if it is there": tools/tables.py passes it on every run of a row."""
+    common = [folder["ckpt"], "--epsilon", EPS, "--n", "16", "--attacks", "pgd2", "--out-dir", tmp_path, "--resume"]
+    rc, out, err = run_eval(capsys, *common)
+    assert rc == 0, err
+    first = outputs(tmp_path)[0]
+    calls = []
+    monkeypatch.setattr(dynat, "perturb", lambda *a, **kw: calls.append(kw) or (_ for _ in ()).throw(AssertionError))
+    rc, out, err = run_eval(capsys, *common)
+    assert rc == 0 and calls == [] and "(kept from the earlier evaluation)" in out and "| PGD-2 |" in out
+    assert outputs(tmp_path)[0]["accuracy"] == first["accuracy"]
+
+
+def test_dry_run_runs_every_attack_at_its_smallest_and_never_passes_for_a_real_evaluation(folder, capsys, tmp_path,
+                                                                                          monkeypatch):
+    import pyautoattack
+    steps, settings = [], []
+    real_perturb, real_run = dynat.perturb, pyautoattack.AutoAttack.run_standard_evaluation
+    monkeypatch.setattr(dynat, "perturb", lambda *a, **kw: steps.append(kw["num_steps"]) or real_perturb(*a, **kw))
+
+    def run(self, *a, **kw):
+        settings.append((self.apgd.n_iter, self.apgd_targeted.n_target_classes, self.square.n_queries))
+        return real_run(self, *a, **kw)
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", run)
+    rc, out, err = run_eval(capsys, folder["ckpt"], "--epsilon", EPS, "--n", "16", "--attacks", "pgd20,aa",
+                            "--dry-run", "--out-dir", tmp_path)
+    assert rc == 0, err
+    assert set(steps) == {1} and settings and set(settings) == {(1, 1, 10)}
+    assert outputs(tmp_path)[0]["dry_run"] is True
+    rc, _, err = run_eval(capsys, folder["ckpt"], "--epsilon", EPS, "--n", "16", "--attacks", "pgd20,aa",
+                          "--out-dir", tmp_path, "--resume")
+    assert_usage_error(rc, err)
+    assert "dry_run" in err
