@@ -887,31 +887,55 @@ LOCK = ".lock"  # in an out-dir: who holds it
 def own_out_dir(path, who):
     """Create `path` and hold it for the `with`: a second run or evaluation into it is refused while this process
     lives (an flock, which the kernel drops when a process dies, so a dead run's lock never blocks). Holding it,
-    temp files of dead writers (write_atomic's *.tmpPID) are removed."""
+    temp files of dead writers (write_atomic's *.tmpPID) are removed. At the end the lock file goes, and so does
+    the directory if this call created it and nothing was written there (a start that failed)."""
+    created = not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)  # a file there: FileExistsError
-        fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UsageError(f"{path}: cannot write there ({e.strerror})")
+    lock = os.path.join(path, LOCK)
+    fd, held = None, False
     try:
-        try:
-            import fcntl
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no fcntl (Windows): unguarded
-            pass
-        except BlockingIOError:
-            holder = os.read(fd, 300).decode(errors="replace").strip()
-            raise UsageError(f"{path} is in use by a live process ({holder}): wait for it or choose another directory")
-        except OSError as e:  # a filesystem without locks
-            print(f"note: {path}: no file locks here ({e.strerror}): a second run into it would not be refused",
-                  file=sys.stderr)
+        for _ in range(10):  # the lock file a finishing holder unlinks is not this directory's lock: open it anew
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UsageError(f"{path}: cannot write there ({e.strerror})")
+            try:
+                import fcntl
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # no fcntl (Windows): unguarded
+                break
+            except BlockingIOError:
+                holder = os.read(fd, 300).decode(errors="replace").strip()
+                raise UsageError(f"{path} is in use by a live process ({holder}): wait for it or choose another "
+                                 "directory")
+            except OSError as e:  # a filesystem without locks
+                print(f"note: {path}: no file locks here ({e.strerror}): a second run into it would not be refused",
+                      file=sys.stderr)
+                break
+            if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+            os.close(fd)
+            fd = None
+        else:
+            raise UsageError(f"{path}: its lock file keeps being replaced: another process is starting there")
+        held = True
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}: {who}\n".encode())
         for tmp in glob.glob(os.path.join(glob.escape(path), "*.tmp[0-9]*")):
             os.remove(tmp)
         yield path
     finally:
-        os.close(fd)
+        if held:
+            with contextlib.suppress(OSError):
+                os.remove(lock)  # while still held: a process that opened it meanwhile sees the unlink, opens anew
+        if fd is not None:
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only if empty: nothing was written
 
 
 def provenance():
@@ -1039,6 +1063,22 @@ CURVES = {"dynamic_label_acc": (0, "dynamic labels = y (train)"), "guide_clean_a
           "loss_guide": (1, "guide loss L_g"), "loss_target": (1, "target loss")}  # metric: (panel, label)
 
 
+def run_title(args):
+    """The run in one line: data, models, and each setting that differs from the paper's, as its flag
+    (epsilon and step as the paper writes them: 8/255)."""
+    cfg, paper, changed = config_of(args), Config(norm=args.norm), []
+    for f in dataclasses.fields(Config):
+        v, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
+        if f.name == "fat_tau":  # the flag is a schedule
+            changed += [f"{flag} {','.join(map(str, args.fat_tau))}"] * bool(args.fat_tau)
+        elif v != getattr(paper, f.name):
+            changed.append(flag if v is True else f"--no-{flag[2:]}" if v is False else f"{flag} {fmt_fraction(v)}"
+                           if f.name in ("epsilon", "step_size") else f"{flag} {v:g}" if isinstance(v, float)
+                           else f"{flag} {v}")
+    return (f"{args.dataset}: {args.target} target" + f" / {args.guide} guide" * (args.labels != "true") + ", "
+            + (" ".join(changed + [f"--guide-warmup {args.guide_warmup}"] * (args.guide_warmup > 0)) or "DYNAT"))
+
+
 def plot_curves(rows, path, args):
     """curves.png: accuracies, losses and lr per epoch; epoch e spans (e - 1, e], its figures drawn at e."""
     import matplotlib
@@ -1052,10 +1092,7 @@ def plot_curves(rows, path, args):
             (acc, loss)[panel].plot(*zip(*pts), marker="o" if panel == 0 else ".", label=label + split)
     for ax, r in ((ax, r) for r in rows if r.get("warning") for ax in (acc, loss)):
         ax.axvline(r["epoch"], color="red", linestyle="--", label="collapse warning" if ax is acc else "_nolegend_")
-    changed = [f"--{f.name.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}")
-               for f in dataclasses.fields(Config) if (v := getattr(args, f.name)) != f.default]
-    title = (f"{args.dataset}: {args.target} target" + f" / {args.guide} guide" * (args.labels != "true") + ", "
-             + (" ".join(changed + [f"--guide-warmup {args.guide_warmup}"] * (args.guide_warmup > 0)) or "DYNAT"))
+    title = run_title(args)
     acc.set_title(title + "\nsynthetic data: random images and labels, the accuracies mean nothing"
                   * (args.dataset == "synthetic"), fontsize=9, wrap=True)
     acc.set(ylabel="accuracy", ylim=(0, 1))
@@ -1065,7 +1102,10 @@ def plot_curves(rows, path, args):
               color="grey", label="learning rate")
     lr.set(ylabel="learning rate", ylim=(0, None))
     acc.grid(alpha=0.3), loss.grid(alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8)  # beside the axes, never over a line
+    for ax, extra in ((acc, ()), (loss, lr.get_legend_handles_labels())):  # a legend per panel, beside it
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles + list(extra[0] if extra else []), labels + list(extra[1] if extra else []),
+                  loc="upper left", bbox_to_anchor=(1.12 if ax is loss else 1.01, 1), fontsize=8)
     loss.xaxis.get_major_locator().set_params(integer=True)
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

@@ -305,7 +305,7 @@ def load_model(args, device, log):
 
 def open_out_dir(args, meta, attacks, stack):
     """The output directory, held for `stack`'s life (dynat.own_out_dir), and the attacks an interrupted
-    evaluation finished there (with --resume). By default its name carries a digest of every setting:
+    evaluation finished there (with --resume); (out_dir, None, None) where it holds this very evaluation, finished. By default its name carries a digest of every setting:
     evaluations with other settings (attacks, n, epsilon, ..., other weights) never share a directory,
     and nothing is overwritten unasked."""
     named = {k: meta[k] for k in SETTINGS + ("attacks",) if k != "dry_run" or meta[k]}  # digests as before
@@ -316,12 +316,19 @@ def open_out_dir(args, meta, attacks, stack):
     results_path = os.path.join(out_dir, "results.json")
     done, seconds = {}, {}
     earlier = os.path.isfile(results_path) or glob.glob(os.path.join(out_dir, "autoattack_*.json"))
-    resuming = args.resume and os.path.isfile(results_path)  # else --resume starts the evaluation
-    if resuming:
+    prev = None
+    if os.path.isfile(results_path):
         with open(results_path) as f:
             prev = json.load(f)
+    setting = lambda key: prev.get(key, False if key == "dry_run" else None)  # results.json from before dry_run
+    repeated = (prev is not None and prev.get("complete") and all(setting(k) == meta[k] for k in SETTINGS)
+                and set(meta["attacks"]) <= set(prev["attacks"]))  # the same evaluation, finished: print it again
+    if repeated and not args.overwrite:
+        return out_dir, None, None
+    resuming = prev is not None and args.resume  # --resume with nothing there: start it
+    if resuming:
         for key in SETTINGS:
-            if prev.get(key, False if key == "dry_run" else None) != meta[key]:
+            if setting(key) != meta[key]:
                 raise dynat.UsageError(f"--resume: {out_dir} was evaluated with {key} = {prev.get(key)!r}, "
                                        f"not {meta[key]!r}; pass --out-dir elsewhere or --overwrite")
         with np.load(os.path.join(out_dir, "per_example.npz")) as f:
@@ -401,6 +408,10 @@ def run(args, stack):
                           for a in ["clean"] + attacks},
             **provenance()}
     out_dir, done, seconds = open_out_dir(args, meta, attacks, stack)
+    if done is None:  # asked again: printed again, nothing recomputed or rewritten
+        with open(os.path.join(out_dir, "results.md")) as f:
+            log(f"{out_dir} already holds this evaluation, finished (--overwrite recomputes it):\n\n{f.read()}")
+        return 0
     log(f"evaluating {meta['checkpoint']} [{args.model}: {arch}] on {dataset}: first {n} of {len(y_test)} test "
         f"images, {NORMS[args.norm]} eps {dynat.fmt_fraction(args.epsilon)}{pgd_settings(meta)}, seed {args.seed}, "
         f"{device}, precision "

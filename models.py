@@ -231,8 +231,11 @@ def load_checkpoint(path):
     """torch.load(weights_only=True) with one-line errors: nothing in the file is ever executed; a checkpoint
     that seal wrote must match its SHA-256 (bytes changed on the disk or in a copy load, but differently)."""
     if not os.path.isfile(path):
-        hint = f": pass {os.path.join(path, 'last.pt')} (or best.pt)" if os.path.isdir(path) else ""
-        raise ValueError(f"{path}: {'a run directory' + hint if hint else 'no such checkpoint file'}")
+        if not os.path.isdir(path):
+            raise ValueError(f"{path}: no such checkpoint file")
+        found = [os.path.join(path, n) for n in ("last.pt", "best.pt") if os.path.isfile(os.path.join(path, n))]
+        raise ValueError(f"{path}: a directory, not a checkpoint" + (f": pass {' or '.join(found)}" if found else
+                                                                     " (it holds no last.pt or best.pt)"))
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle

@@ -1114,3 +1114,20 @@ def test_training_batches_are_cropped_and_flipped_unless_augmentation_is_off():
         crops = padded[i].unfold(1, 12, 1).unfold(2, 12, 1).permute(1, 2, 0, 3, 4).reshape(81, 3, 12, 12)
         assert any(torch.equal(x[i], c) or torch.equal(x[i], c.flip(-1)) for c in crops), i
     assert (x != plain).flatten(1).any(1).float().mean() > 0.8  # almost every image moved
+
+
+def test_the_runs_title_names_each_setting_off_the_papers_as_its_flag():
+    """curves.png's title: 8/255 as the paper writes it, FAT's schedule as given, nothing for a setting left alone."""
+    title = lambda *argv: dynat.run_title(resolved(argv))
+    assert title() == "cifar10: wrn-34-10 target / resnet18 guide, DYNAT"
+    assert title("--inner", "--epsilon", "0.031") == "cifar10: wrn-34-10 target / resnet18 guide, --epsilon 0.031 --inner"
+    t = title("--labels", "true", "--inner", "--fat-tau", "0,1,2", "--fat-tau-milestones", "51,91", "--no-clean-bn",
+              "--epsilon", "8/255", "--step-size", "0.007")
+    assert t == "cifar10: wrn-34-10 target, --step-size 0.007 --inner --no-clean-bn --labels true --fat-tau 0,1,2"
+    assert "()" not in t and "0.0313" not in t
+
+
+def resolved(argv):
+    args = dynat.get_parser().parse_args(list(argv))
+    dynat.resolve_threat_model(args)
+    return args

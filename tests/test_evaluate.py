@@ -274,8 +274,10 @@ def test_resume_keeps_finished_attacks_and_checks_settings(folder, capsys, tmp_p
     second = outputs(out_dir)
     assert (second[1]["pgd2"] == first[1]["pgd2"]).all()
     assert second[0]["seconds"]["pgd2"] == first[0]["seconds"]["pgd2"]
-    # Refused: an earlier evaluation without --resume; other settings, or other weights, with it.
-    assert_usage_error(*run_eval(capsys, *common, "--attacks", "pgd2")[::2])
+    # A finished one is printed again; refused: other settings, or other weights, with --resume.
+    rc, out, _ = run_eval(capsys, *common, "--attacks", "pgd2")
+    assert rc == 0 and "already holds this evaluation, finished" in out and "| PGD-1 |" in out
+    assert outputs(out_dir)[0]["seconds"] == second[0]["seconds"]
     rc, _, err = run_eval(capsys, *common, "--attacks", "pgd2", "--resume", "--seed", "1")
     assert_usage_error(rc, err)
     assert "seed" in err
@@ -407,10 +409,10 @@ def test_evaluations_with_other_settings_never_share_a_default_out_dir(folder, c
     assert first[0]["n"] == 8 and list(first[1]) == ["clean", "pgd2", "worst"]
     assert outputs(dirs["pgd2-n12"])[0]["n"] == 12  # the first evaluation was not overwritten
     assert outputs(dirs["pgd2-n8"])[0]["accuracy"] == first[0]["accuracy"]
-    # the same settings again find the earlier evaluation and ask before touching it
-    rc, _, err = run_eval(capsys, ckpt, "--epsilon", EPS, *runs["pgd2-n8"])
-    assert_usage_error(rc, err)
-    assert "--resume" in err and "--overwrite" in err
+    # the same settings again find the earlier, finished evaluation and print it, touching nothing
+    rc, out, err = run_eval(capsys, ckpt, "--epsilon", EPS, *runs["pgd2-n8"])
+    assert rc == 0 and "| PGD-2 |" in out and "already holds this evaluation, finished" in out, err
+    assert outputs(dirs["pgd2-n8"])[0]["seconds"] == first[0]["seconds"]
     # other test images under the same dataset name (an ImageFolder elsewhere): another directory too
     other = tmp_path / "other"
     shutil.copytree(folder["root"], other)
@@ -568,7 +570,7 @@ def test_resume_starts_a_new_evaluation_and_repeats_a_finished_one_with_exit_0(f
     calls = []
     monkeypatch.setattr(dynat, "perturb", lambda *a, **kw: calls.append(kw) or (_ for _ in ()).throw(AssertionError))
     rc, out, err = run_eval(capsys, *common)
-    assert rc == 0 and calls == [] and "(kept from the earlier evaluation)" in out and "| PGD-2 |" in out
+    assert rc == 0 and calls == [] and "already holds this evaluation, finished" in out and "| PGD-2 |" in out
     assert outputs(tmp_path)[0]["accuracy"] == first["accuracy"]
 
 
@@ -592,3 +594,13 @@ def test_dry_run_runs_every_attack_at_its_smallest_and_never_passes_for_a_real_e
                           "--out-dir", tmp_path, "--resume")
     assert_usage_error(rc, err)
     assert "dry_run" in err
+
+
+def test_a_run_directory_is_pointed_at_its_checkpoints_that_exist(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rc, _, err = run_eval(capsys, run)
+    assert rc == 2 and "holds no last.pt or best.pt" in err and "pass" not in err
+    (run / "best.pt").write_bytes(b"")
+    rc, _, err = run_eval(capsys, run)
+    assert rc == 2 and f"pass {run / 'best.pt'}" in err and "last.pt" not in err.split("pass")[1]

@@ -88,6 +88,7 @@ def test_end_to_end_writes_every_output(folder, tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("metrics.jsonl", "last.pt", "best.pt", "args.json", "curves.png"):
         assert (out / name).is_file(), name
+    assert not (out / ".lock").exists()  # the run's lock goes with the run
     rows = metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
@@ -230,6 +231,7 @@ def test_bad_input_gives_one_line_and_exit_2(folder, tmp_path, name, capsys):
     rc, err = main_in_process(train_args(data_dir, tmp_path / "out", "--epochs", "1", *BAD_INPUTS.get(name, [])), capsys)
     assert rc == 2, err
     assert ": error: " in err.strip().splitlines()[-1], err  # ours alone, or argparse's usage and then its error
+    assert not (tmp_path / "out").exists()  # a start that failed leaves no empty out-dir behind
 
 
 def test_bad_input_in_the_real_script_prints_one_line_and_no_traceback(folder, tmp_path):
