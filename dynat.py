@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import glob
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -80,86 +81,128 @@ def fmt_fraction(v):
     return f"{k}/255" if k and abs(v * 255 - k) < 1e-9 else f"{v:g}"
 
 
+def config_help():
+    """{field: help}: the comment beside each of Config's fields (and its continuation lines), so that a setting of
+    the algorithm is written once, where the block defines it, and the command line is built from that."""
+    helps, last = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        field = re.match(r" {4}(\w+): [^=]+=[^#]*#\s*(.*)", line)
+        if field:
+            last, helps[field[1]] = field[1], field[2].strip()
+        elif last and re.match(r" {8,}#", line):
+            helps[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return helps
+
+
 def get_parser():
-    c = Config()  # the algorithm's defaults have one home: the Config dataclass of the block below
-    p = argparse.ArgumentParser(description="DYNAT: dynamic-label adversarial training (Algorithm 1).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    # data and models
-    a("--dataset", default="cifar10", choices=sibling("data").DATASETS, help="imagefolder: DIR/{train,test}/<class>/*")
-    a("--data-dir", default="./data", help="where the dataset lives (CIFAR/MNIST are downloaded there when absent)")
-    a("--train-size", type=int, default=0, help="class-balanced subset: the first N/C images of each class (0: all)")
-    a("--target", default="wrn-34-10", help="target model f_t: resnet18 or wrn-D-K (D = 6n+4), e.g. wrn-16-2")
-    a("--guide", default="resnet18", help="guide model f_g (same choices)")
-    a("--val-size", type=int, default=0, help="training images held out to choose best.pt on (0: no best.pt)")
-    a("--augment", action=argparse.BooleanOptionalAction, default=True,
-      help="random crop (4-pixel zero padding) and horizontal flip of every training batch (Sec. 4.1)")
-    # optimisation (Sec. 4.1)
-    a("--epochs", type=int, default=100, help="epochs of Algorithm 1")
-    a("--batch-size", type=int, default=128, help="global batch size m (split across processes)")
-    a("--lr", type=float, default=0.1, help="learning rate")
-    a("--lr-milestones", type=number_list(int), default=None, metavar="E,E",
-      help="epochs from which the --lr-factors apply (default: after 75%% and 90%% of --epochs)%(default).0s")
-    a("--lr-factors", type=number_list(float), default=None, metavar="F,F",
-      help="lr factor from each milestone (default: 0.1,0.01)%(default).0s")
-    a("--lr-warm-start", type=float, default=0.2, help="lr factor of the first epoch (1: none)")
-    a("--momentum", type=float, default=0.9, help="SGD momentum")
-    a("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
-    # the algorithm (Config)
-    a("--norm", default=c.norm, choices=list(RADII), help="threat model: the attack's ball")
+    """The flags, grouped: the headline command's first. Each setting of Config is its field as a flag (the
+    field's default and comment); the rest are the training program's."""
+    p = argparse.ArgumentParser(
+        usage="python dynat.py [--dataset D] [--target A] [--guide A] [--epochs E] [--inner] [--awp] [--alpha A]\n"
+              "                [--beta B] [--out-dir DIR] [--resume DIR|auto] [options]   (all: --help)",
+        description="DYNAT: dynamic-label adversarial training (Algorithm 1). Defaults are the paper's setting.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults, helps, added = {f.name: f.default for f in dataclasses.fields(Config)}, config_help(), []
+
+    def field(group, name, **kw):  # Config's field `name` as --name, with its default and its comment
+        default, flag, added[len(added):] = defaults[name], "--" + name.replace("_", "-"), [name]
+        if isinstance(default, bool):
+            kw.update(action=argparse.BooleanOptionalAction if default else "store_true")
+        elif name in CHOICES:
+            kw.update(choices=CHOICES[name])
+        elif "type" not in kw:
+            kw.update(type=type(default))
+        group.add_argument(flag, default=default, help=kw.pop("help", helps[name]), **kw)
+
+    g = p.add_argument_group("data, models and the headline command")
+    g.add_argument("--dataset", default="cifar10", choices=sibling("data").DATASETS,
+                   help="imagefolder: --data-dir DIR/{train,test}/<class>/*")
+    g.add_argument("--data-dir", default="./data", help="where the dataset lives (CIFAR/MNIST downloaded when absent)")
+    g.add_argument("--target", default="wrn-34-10", help="target model f_t: resnet18 or wrn-D-K (D = 6n+4)")
+    g.add_argument("--guide", default="resnet18", help="guide model f_g (the same choices)")
+    g.add_argument("--epochs", type=int, default=100, help="epochs of Algorithm 1")
+    field(g, "inner")
+    field(g, "awp")
+    field(g, "alpha")
+    field(g, "beta")
+    g.add_argument("--out-dir", default="runs/dynat", help="where metrics, curves and checkpoints go")
+    g.add_argument("--resume", default=None, metavar="DIR|auto", help="continue the run in DIR from DIR/last.pt; "
+                   "auto: the run in --out-dir if there is one (the same flags), else start it%(default).0s")
+
+    g = p.add_argument_group("DYNAT's other variants (the paper's Tables 2-4), and ours")
+    for name in ("inner_label", "awp_gamma"):
+        field(g, name)
+    g.add_argument("--awp-warmup", type=int, default=10, help="first epoch with AWP")
+    for name in ("reweight", "gair_lambda", "mail_bias", "mail_slope", "iseat"):
+        field(g, name, **{"metavar": "LAMBDA"} if name == "iseat" else {})
+    g.add_argument("--reweight-start", type=int, default=70, help="first epoch of --reweight and --iseat (burn-in)")
+    for name in ("label_smoothing", "clean_bn"):
+        field(g, name)
+    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="an exponential moving average of the "
+                   "target's weights, evaluated beside it (0: off, the paper)")
+    g.add_argument("--guide-warmup", type=int, default=0, metavar="EPOCHS", help="guide-only epochs first (ours; "
+                   "0: the paper; docs/training-dynamics.md)")
+    g.add_argument("--target-clip", type=float, default=0.0, metavar="NORM", help="clip the target's gradient norm "
+                   "in its first epochs (ours; 0: the paper)")
+    g.add_argument("--target-clip-epochs", type=int, default=2, help="how many of the target's first epochs "
+                   "--target-clip lasts")
+
+    g = p.add_argument_group("the comparison methods (docs/reproducing.md)")
+    for name in ("labels", "loss"):
+        field(g, name)
+    g.add_argument("--fat-tau", type=number_list(int), default=(), metavar="T,T",
+                   help="FAT's early-stopped PGD: tau per --fat-tau-milestones (unset: off)%(default).0s")
+    g.add_argument("--fat-tau-milestones", type=number_list(int), default=(), metavar="E,E",
+                   help="epochs from which the next tau holds%(default).0s")
+    added.append("fat_tau")  # Config holds one epoch's tau; the flag, the schedule
+    field(g, "fat_omega")
+    g.add_argument("--sat", action="store_true", help="SAT: self-adaptive soft targets for --loss trades")
+    field(g, "sat_momentum")
+    g.add_argument("--sat-start", type=int, default=70, help="first epoch of --sat")
+
+    g = p.add_argument_group("threat model, data and schedule")
+    field(g, "norm")
     # the radius and step depend on --norm: "%(default).0s" keeps argparse from appending "(default: None)"
-    a("--epsilon", type=fraction, default=None, help="radius of the ball: 8/255 (L-inf; the paper writes 0.031), "
-      "128/255 (L2)%(default).0s")
-    a("--step-size", type=fraction, default=None, help="PGD step size: 2/255 (L-inf), 15/255 (L2)%(default).0s")
-    a("--num-steps", type=int, default=c.num_steps, help="PGD steps K of the training attack")
-    a("--inner", action="store_true", help="inner maximisation CE(f_t(x'), y_dyn) (Eq. 7) instead of the KL attack")
-    a("--inner-label", default=c.inner_label, choices=["train", "true"], help="--inner's label: y_dyn (train) or y")
-    a("--start", default=c.start, choices=["normal", "uniform"], help="attack start: x + 0.001 N(0, I), or U(ball)")
-    a("--fat-tau", type=number_list(int), default=(), metavar="T,T",
-      help="FAT's early stop tau, per --fat-tau-milestones")
-    a("--fat-tau-milestones", type=number_list(int), default=(), metavar="E,E",
-      help="epochs from which the next tau holds")
-    a("--fat-omega", type=float, default=c.fat_omega, help="FAT's noise on each attack step")
-    a("--loss", default=c.loss, choices=["ce", "trades", "mart"], help="target loss: CE(f_t(x')) (Eq. 5), TRADES, MART")
-    a("--alpha", type=float, default=c.alpha, help="TRADES weight alpha of KL(p(f_t(x)) || p(f_t(x')))")
-    a("--beta", type=float, default=c.beta, help="beta of Eq. 6, weight of the target loss L_t")
-    a("--labels", default=c.labels, choices=["dynamic", "true", "lbgat"], help="dynamic (Eq. 3), true (y), lbgat")
-    a("--label-smoothing", type=float, default=c.label_smoothing, help="label smoothing of the target's CE term")
-    a("--clean-bn", action=argparse.BooleanOptionalAction, default=c.clean_bn, help="the release's BN statistics")
-    a("--awp", action="store_true", help="adversarial weight perturbation of the target (Wu et al. 2020)")
-    a("--awp-gamma", type=float, default=c.awp_gamma, help="AWP gamma: per-layer perturbation norm / weight norm")
-    a("--awp-warmup", type=int, default=10, help="first epoch with AWP")
-    a("--reweight", default=c.reweight, choices=["none", "gairat", "mail"], help="instance weights on the target's CE")
-    a("--reweight-start", type=int, default=70, help="first epoch of --reweight and --iseat (burn-in)")
-    a("--gair-lambda", type=float, default=c.gair_lambda, help="GAIRAT lambda")
-    a("--mail-bias", type=float, default=c.mail_bias, help="MAIL bias")
-    a("--mail-slope", type=float, default=c.mail_slope, help="MAIL slope")
-    a("--iseat", type=float, default=c.iseat, metavar="LAMBDA", help="ISEAT lambda (0: off)")
-    a("--sat", action="store_true", help="SAT's soft targets for --loss trades's clean CE (self-adaptive training)")
-    a("--sat-momentum", type=float, default=c.sat_momentum, help="SAT's momentum of the soft targets")
-    a("--sat-start", type=int, default=70, help="first epoch of --sat")
-    a("--ema", type=float, default=0.0, metavar="DECAY", help="an exponential moving average of the target's weights, "
-      "evaluated beside it (0: off, the paper)")
-    # start-up (not in the paper: docs/training-dynamics.md)
-    a("--guide-warmup", type=int, default=0, metavar="EPOCHS", help="guide-only epochs first (0: the paper)")
-    a("--target-clip", type=float, default=0.0, metavar="NORM", help="clip the target's gradient norm (0: the paper)")
-    a("--target-clip-epochs", type=int, default=2, help="how many of the target's first epochs --target-clip lasts")
-    # engineering
-    a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts)")
-    a("--deterministic", action="store_true", help="deterministic kernels (bitwise repeatable on a CPU)")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="autocast (auto: bf16 on Ampere+ GPUs)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
-    a("--compile", action="store_true", help="torch.compile both models")
-    a("--sync-bn", action="store_true", help="BatchNorm statistics of the global batch across processes (torchrun)")
-    a("--workers", type=int, default=2, help="processes decoding an ImageFolder once at start-up")
-    a("--out-dir", default="runs/dynat", help="where metrics, curves and checkpoints go")
-    a("--overwrite", action="store_true", help="allow writing into a non-empty --out-dir")
-    a("--resume", default=None, metavar="DIR", help="continue the run in DIR from DIR/last.pt; auto: continue the run "
-      "in --out-dir if it holds one (the same flags), else start it (for torchrun --max-restarts, requeues)%(default).0s")
-    a("--eval-every", type=int, default=1, help="evaluate every N epochs (and always at the last)")
-    a("--eval-pgd-n", type=int, default=1000, help="images of the per-epoch PGD-10 check")
-    a("--dry-run", action="store_true", help="one batch per epoch and one evaluation batch (smoke tests)")
+    field(g, "epsilon", type=fraction, help="radius of the ball: 8/255 (L-inf; the paper writes 0.031), "
+          "128/255 (L2)%(default).0s")
+    field(g, "step_size", type=fraction, help="PGD step size: 2/255 (L-inf), 15/255 (L2)%(default).0s")
+    for name in ("num_steps", "start"):
+        field(g, name)
+    g.add_argument("--batch-size", type=int, default=128, help="global batch size m (split across processes)")
+    g.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    g.add_argument("--lr-milestones", type=number_list(int), default=None, metavar="E,E",
+                   help="epochs from which the --lr-factors apply (unset: after 75%% and 90%% of --epochs)%(default).0s")
+    g.add_argument("--lr-factors", type=number_list(float), default=None, metavar="F,F",
+                   help="lr factor from each milestone (unset: 0.1,0.01)%(default).0s")
+    g.add_argument("--lr-warm-start", type=float, default=0.2, help="lr factor of the first epoch (1: none)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
+    g.add_argument("--train-size", type=int, default=0, help="class-balanced subset: the first N/C images of each "
+                   "class (0: all)")
+    g.add_argument("--val-size", type=int, default=0, help="training images held out to choose best.pt on (0: none)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random crop (4-pixel zero padding) and horizontal flip of every training batch (Sec. 4.1)")
+
+    g = p.add_argument_group("precision, devices and processes")
+    g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise repeatable on a CPU)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast (auto: bf16 on Ampere+ GPUs)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile both models")
+    g.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics of the global batch (torchrun)")
+    g.add_argument("--workers", type=int, default=2, help="processes decoding an ImageFolder once at start-up")
+    g.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out-dir")
+
+    g = p.add_argument_group("evaluation during training")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always at the last)")
+    g.add_argument("--eval-pgd-n", type=int, default=1000, help="images of the per-epoch PGD-10 check")
+    g.add_argument("--dry-run", action="store_true", help="one batch per epoch and one evaluation batch (smoke tests)")
+    assert sorted(added) == sorted(f.name for f in dataclasses.fields(Config)), "a Config field without its flag"
     return p
 
 
@@ -267,8 +310,8 @@ class Config:
     awp_gamma: float = 0.005  # ||v_l|| / ||w_l|| per conv/linear weight
     reweight: str = "none"  # instance weights on the target's loss: "gairat" (Table 3) or "mail" (Table 4)
     gair_lambda: float = -1.0  # GAIRAT's lambda
-    mail_bias: float = -0.5  # MAIL-AT's sigmoid bias and slope (its release's README command)
-    mail_slope: float = 10.0
+    mail_bias: float = -0.5  # MAIL-AT's sigmoid bias (its release's README command)
+    mail_slope: float = 10.0  # MAIL-AT's sigmoid slope
     iseat: float = 0.0  # ISEAT's lambda (Li et al. 2023; 0: off)
     label_smoothing: float = 0.0  # of the target's CE (the paper: 0.2 in Table 3's hybrids)
     # the comparison methods: training_loss picks the method's function from labels and loss

@@ -1131,3 +1131,27 @@ def resolved(argv):
     args = dynat.get_parser().parse_args(list(argv))
     dynat.resolve_threat_model(args)
     return args
+
+
+def test_help_opens_with_the_headline_commands_flags_and_builds_configs_from_its_fields(monkeypatch):
+    """One home per setting: each Config field is a flag whose help is the comment beside the field; --help's
+    usage fits in 3 lines and explains the headline command's flags within its first 40 lines, at 80 columns."""
+    monkeypatch.setenv("COLUMNS", "80")
+    text = dynat.get_parser().format_help()
+    usage = text.split("\n\n")[0].splitlines()
+    assert len(usage) <= 3 and usage[0].startswith("usage: python dynat.py")
+    top = "\n".join(text.splitlines()[:40])
+    for flag in ("--dataset", "--data-dir", "--target", "--guide", "--epochs", "--inner ", "--awp ", "--alpha",
+                 "--beta", "--out-dir", "--resume"):
+        assert flag in top, flag
+    helps = dynat.config_help()
+    assert set(helps) == {f.name for f in dataclasses.fields(dynat.Config)} and all(helps.values())
+    assert helps["clean_bn"].startswith("the release's habit")  # continuation lines joined
+    flat = " ".join(text.split())
+    for name in ("awp_gamma", "reweight", "label_smoothing", "num_steps"):  # the field's comment is its flag's help
+        assert " ".join(helps[name].split()) in flat, name
+    groups = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert groups[1:] == ["data, models and the headline command:", "DYNAT's other variants (the paper's Tables 2-4), "
+                          "and ours:", "the comparison methods (docs/reproducing.md):",
+                          "threat model, data and schedule:", "precision, devices and processes:",
+                          "evaluation during training:"]
