@@ -1,4 +1,4 @@
-"""bench.py's counting (never its timings: speed is measured by running bench.py, not in a test).
+"""tools/bench.py's counting (never its timings: speed is measured by running bench.py, not in a test).
 
 The FLOPs of one real DYNAT step must equal the pass-count arithmetic: K attack iterates of the target
 (forward + input gradient: 2 forward FLOPs), one target forward+backward (3; the first convolution
@@ -14,8 +14,10 @@ import sys
 import pytest
 import torch
 
-import bench
 import dynat
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import bench  # noqa: E402
 import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +49,7 @@ def test_counted_flops_of_a_step_equal_the_pass_count(kw, target_passes):
 
 
 def test_bench_json_on_cpu_reports_flops_and_mfu_for_our_rows():
-    proc = subprocess.run([sys.executable, "bench.py", "--target", "wrn-10-1", "--guide", "wrn-10-1", "--batch-size", "8",
+    proc = subprocess.run([sys.executable, "tools/bench.py", "--target", "wrn-10-1", "--guide", "wrn-10-1", "--batch-size", "8",
                            "--num-steps", "1", "--amp", "none,bf16", "--steps", "1", "--warmup", "0", "--inner", "--awp",
                            "--ema", "0.99", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -361,3 +361,11 @@ def test_two_processes_give_the_weights_of_one_process(folder, tmp_path):
         apart = torch.cat([(w2[k] - w1[k]).flatten() for k in keys]).norm()
         tolerance = {"target": 2e-3, "guide": 9e-3}[name]
         assert apart < tolerance * update, f"{name}: the 2-process weights are {apart / update:.1e} of the update away"
+
+
+def test_the_readmes_install_check_runs_as_written():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        line = next(line for line in f if line.startswith('python -c "import dynat'))
+    r = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
+    assert r.returncode == 0 and r.stdout.startswith("ok: torch "), r.stderr

@@ -1,4 +1,4 @@
-"""bench.py: how fast is one DYNAT training step, against what it must cost and against the release?
+"""tools/bench.py: how fast is one DYNAT training step, against what it must cost and against the release?
 
 A DYNAT step needs K attack iterations (target forward + input gradient) and two model updates
 (target and guide forward + backward). This script times, in one process, on synthetic data:
@@ -27,7 +27,7 @@ a CPU), and on the GPUs of DATASHEET_TFLOPS the datasheet's dense peak. fp32 row
 capability 8.0 or newer run TF32 (dynat.py allows it) and are labelled so.
 
 Quick start (CPU, a few minutes on 2 cores):
-  python bench.py --target wrn-16-4 --guide wrn-16-2 --batch-size 64 --inner --amp none,bf16 --steps 5 --warmup 2
+  python tools/bench.py --target wrn-16-4 --guide wrn-16-2 --batch-size 64 --inner --amp none,bf16 --steps 5 --warmup 2
 Last measured: see README, "Performance" (hardware, torch version and the table).
 """
 import argparse
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-import dynat
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: dynat.py
+import dynat  # noqa: E402
 
 PRECISIONS = ("none", "bf16", "fp16")
 # Dense (no sparsity) datasheet peaks in TFLOP/s: (fp32, tf32, bf16, fp16), matched by substrings of
@@ -491,7 +492,7 @@ def main(argv=None):
     try:
         result = run(args)
     except dynat.UsageError as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
+        print(f"tools/bench.py: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=1))
