@@ -77,6 +77,13 @@ def test_print_run_skip_continue_fail_and_report(tiny):
     states = {e["row"]: e["states"]["0"] for e in json.loads((out / "T9.json").read_text())}
     assert states == {"Fast-A": "finished", "Fast-B": "interrupted: run again to continue it",
                       "Broken": "missing: not run", "Never run": "missing: not run"}
+    # an evaluation killed after its last attack but before it marked itself complete is not finished
+    results = runs / "t9-a" / "eval" / "results.json"
+    whole = results.read_text()
+    results.write_text(json.dumps(dict(json.loads(whole), complete=False)))
+    run_tables(*common, "--report", doc=doc)
+    assert json.loads((out / "T9.json").read_text())[0]["states"]["0"] == "interrupted: run again to continue it"
+    results.write_text(whole)
     # Broken fails with its one-line reason; Fast-A is skipped, Fast-B continued and evaluated
     r = run_tables(*common, "--rows", "Broken", doc=doc)
     assert r.returncode == 0 and "T9 Broken seed 0: failed (dynat.py exited 2: dynat.py: error: --target" in r.stdout

@@ -1,0 +1,44 @@
+"""tools/regime_report.py writes the evidence page's generated sections and pictures from its runs' files."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import regime_report  # noqa: E402
+
+
+def write_run(folder, accuracy, epochs=4, agreement=0.9):
+    os.makedirs(folder / "eval")
+    rows = [{"epoch": e, "seconds": 60.0, "dynamic_label_acc": agreement, "guide_clean_acc": 0.8,
+             "target_clean_acc": 0.7, "target_pgd_acc": 0.6} for e in range(1, epochs + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "args.json").write_text(json.dumps({"num_steps": 10}))
+    (folder / "eval" / "results.json").write_text(json.dumps({"complete": True, "accuracy": accuracy}))
+
+
+def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tmp_path, monkeypatch):
+    doc = tmp_path / "docs" / "fashion-mnist-regime.md"
+    folder = tmp_path / "docs" / "fashion-mnist-regime"
+    os.makedirs(folder / "pilots")
+    shutil.copy(regime_report.DOC, doc)
+    write_run(folder / "runs" / "pgd-at-s0", {"clean": 0.70, "pgd20": 0.60, "cw20": 0.58})
+    write_run(folder / "runs" / "pgd-at-s1", {"clean": 0.72, "pgd20": 0.62, "cw20": 0.60})
+    write_run(folder / "runs" / "dynat-inner-s0", {"clean": 0.75, "pgd20": 0.61, "cw20": 0.59}, agreement=0.96)
+    os.makedirs(folder / "runs" / "trades-s0")  # running: its epochs so far, no results yet
+    (folder / "runs" / "trades-s0" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 60.0}) + "\n")
+    monkeypatch.setattr(regime_report, "DOC", str(doc))
+    monkeypatch.setattr(regime_report, "DIR", str(folder))
+    regime_report.main()
+    text = doc.read_text()
+    assert "| PGD-AT | 2 | 71.0 ± 1.4 | 61.0 ± 1.4 | 59.0 ± 1.4 | s0: 70.0 / 60.0 / 58.0; s1: 72.0 / 62.0 / 60.0 | 4, 4 |" \
+        in text
+    assert "| DYNAT-Inner | 1 | 75.0 | 61.0 | 59.0 |" in text and "| TRADES (β = 6) | 0 | — | — | — | running |" in text
+    assert "| DYNAT-Inner s0 | — / — / — / — / — | 1 |" in text  # 4 epochs: agreement >= 0.95 from epoch 1
+    assert (doc.parent / "fashion-mnist-regime.png").stat().st_size > 1000
+    assert (doc.parent / "fashion-mnist-regime-epochs.png").stat().st_size > 1000
+    regime_report.main()  # again: the generated sections are replaced, not repeated
+    assert doc.read_text() == text

@@ -1,0 +1,143 @@
+"""The Fashion-MNIST evidence in the paper's regime (docs/fashion-mnist-regime.md), from its runs' small results.
+
+  python tools/regime_report.py          # rewrites the doc's generated sections and its two pictures
+
+Reads docs/fashion-mnist-regime/runs/<method>-s<seed>/ (metrics.jsonl, args.json, eval/results.json) and
+docs/fashion-mnist-regime/pilots/*/ (the runs that chose the setting), and writes, between the doc's
+"<!-- generated: NAME -->" and "<!-- end: NAME -->" lines, the table of every method (mean +- std over the seeds
+run, with n, and each seed's figures), the regime's measurements, and the pictures fashion-mnist-regime.png (clean
+against PGD-20, one point per run, one colour per method) and fashion-mnist-regime-epochs.png (per epoch).
+"""
+import glob
+import json
+import os
+import re
+import statistics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "fashion-mnist-regime.md")
+DIR = os.path.join(ROOT, "docs", "fashion-mnist-regime")
+METHODS = {"clean": "no attack (a clean WRN-16-2: the room for a gain)", "pgd-at": "PGD-AT", "trades": "TRADES (β = 6)", "dynat-inner": "DYNAT-Inner", "dynat": "DYNAT (KL attack)",
+           "dynat-inner-awp": "DYNAT-Inner-AWP (α = 1)", "dynat-inner-warmup": "DYNAT-Inner, guide warm-up"}
+COLUMNS = ("clean", "pgd20", "cw20")
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f) if path.endswith(".json") else [json.loads(line) for line in f]
+
+
+def runs():
+    """{method: [(seed, results or None, metrics rows)]}, in METHODS' order."""
+    found = {}
+    for d in sorted(glob.glob(os.path.join(DIR, "runs", "*-s[0-9]*"))):
+        method, seed = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(d)).groups()
+        results = os.path.join(d, "eval", "results.json")
+        found.setdefault(method, []).append((int(seed), load(results) if os.path.isfile(results) else None,
+                                             load(os.path.join(d, "metrics.jsonl"))))
+    return {m: sorted(found[m]) for m in METHODS if m in found}
+
+
+def mean_std(values):
+    if not values:
+        return "—"
+    return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
+def table(found):
+    lines = ["| method | n | clean | PGD-20 | C&W-20 | per seed: clean / PGD-20 / C&W-20 | minutes of training, each |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    for method, seeds in found.items():
+        done = [(s, r) for s, r, _ in seeds if r is not None and r.get("complete")]
+        acc = {c: [100 * r["accuracy"][c] for _, r in done] for c in COLUMNS}
+        per_seed = "; ".join(f"s{s}: " + " / ".join(f"{100 * r['accuracy'][c]:.1f}" for c in COLUMNS) for s, r in done)
+        minutes = ", ".join(f"{sum(row['seconds'] for row in rows) / 60:.0f}" for _, _, rows in seeds)
+        lines.append(f"| {METHODS[method]} | {len(done)} | {mean_std(acc['clean'])} | {mean_std(acc['pgd20'])} | "
+                     f"{mean_std(acc['cw20'])} | {per_seed or 'running'} | {minutes} |")
+    return "\n".join(lines)
+
+
+def regime(found):
+    """The regime's measurements: the guide's agreement, the targets' per-epoch figures at the first decay."""
+    lines = ["| run | dynamic labels = y (train), epochs 10 / 20 / 30 / 45 / 60 | first epoch >= 0.95 | guide clean "
+             "(test), last | target clean / PGD-10 (test, 500), epochs 30 / 44 / 60 |", "|---|---|---:|---:|---|"]
+    pilots = [(f"pilot {os.path.basename(d)}", load(os.path.join(d, "metrics.jsonl")),
+               load(os.path.join(d, "args.json"))) for d in sorted(glob.glob(os.path.join(DIR, "pilots", "*")))]
+    for name, rows, args in pilots + [(f"{METHODS[m]} s{s}", rows, {"num_steps": 10})
+                                      for m, seeds in found.items() for s, _, rows in seeds]:
+        at = {r["epoch"]: r for r in rows}
+        agree = " / ".join(f"{at[e]['dynamic_label_acc']:.3f}" if e in at and at[e].get("dynamic_label_acc")
+                           is not None else "—" for e in (10, 20, 30, 45, 60))
+        first = next((r["epoch"] for r in rows if (r.get("dynamic_label_acc") or 0) >= 0.95), None)
+        guide = next((f"{r['guide_clean_acc']:.3f} (epoch {r['epoch']})" for r in reversed(rows)
+                      if r.get("guide_clean_acc") is not None), "—")
+        evals = [r for r in rows if r.get("target_pgd_acc") is not None]
+        target = " / ".join(f"{at[e]['target_clean_acc']:.3f} / {at[e]['target_pgd_acc']:.3f}"
+                            if e in at and at[e].get("target_pgd_acc") is not None else "—" for e in (30, 44, 60))
+        if args["num_steps"] == 0:  # a guide pilot: its target was never attacked
+            target = "— (no attack: the guide's pilot)"
+        elif target == "— / — / —" and evals:
+            target = f"{evals[-1]['target_clean_acc']:.3f} / {evals[-1]['target_pgd_acc']:.3f} (epoch {evals[-1]['epoch']})"
+        lines.append(f"| {name} | {agree} | {first or '—'} | {guide} | {target} |")
+    return "\n".join(lines)
+
+
+def pictures(found):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (method, seeds) in enumerate(found.items()):
+        pts = [(100 * r["accuracy"]["clean"], 100 * r["accuracy"]["pgd20"]) for _, r, _ in seeds if r]
+        if pts:
+            ax.scatter(*zip(*pts), color=f"C{i}", label=METHODS[method], s=50)
+    ax.set(xlabel="clean accuracy (%)", ylabel="PGD-20 accuracy (%)", title="Fashion-MNIST, the paper's regime "
+           "(one point per run)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.savefig(os.path.join(os.path.dirname(DOC), "fashion-mnist-regime.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, layout="constrained")
+    for i, (method, seeds) in enumerate(found.items()):
+        seed, _, rows = seeds[0]
+        evals = [r for r in rows if r.get("target_pgd_acc") is not None]
+        top.plot([r["epoch"] for r in evals], [r["target_clean_acc"] for r in evals], color=f"C{i}",
+                 label=f"{METHODS[method]} s{seed}: clean")
+        top.plot([r["epoch"] for r in evals], [r["target_pgd_acc"] for r in evals], color=f"C{i}", linestyle="--",
+                 label=f"{METHODS[method]} s{seed}: PGD-10")
+        if rows[0].get("dynamic_label_acc") is not None:
+            bottom.plot([r["epoch"] for r in rows], [r["dynamic_label_acc"] for r in rows], color=f"C{i}",
+                        label=f"{METHODS[method]} s{seed}")
+    for j, d in enumerate(sorted(glob.glob(os.path.join(DIR, "pilots", "*")))):
+        rows = load(os.path.join(d, "metrics.jsonl"))
+        if rows[0].get("dynamic_label_acc") is not None and not os.path.basename(d).startswith("eps8"):
+            bottom.plot([r["epoch"] for r in rows], [r["dynamic_label_acc"] for r in rows], color="grey",
+                        alpha=0.3 + 0.7 * ("noaug" in d), linewidth=0.8, label=f"pilot {os.path.basename(d)}")
+    bottom.axhline(0.95, color="black", linewidth=0.5)
+    top.set(ylabel="target accuracy (test)", title="targets per epoch (seed 0)")
+    bottom.set(ylabel="dynamic labels = y (train)", xlabel="epoch", title="the guide: runs and pilots")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(os.path.join(os.path.dirname(DOC), "fashion-mnist-regime-epochs.png"), dpi=100)
+    plt.close(fig)
+
+
+def main():
+    """Everything from the files under DIR; DOC's generated sections rewritten, the rest of it left as it is."""
+    found = runs()
+    with open(DOC) as f:
+        text = f.read()
+    for name, body in (("table", table(found)), ("regime", regime(found))):
+        text, count = re.subn(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)",
+                              lambda m: m[1] + body + "\n" + m[2], text, flags=re.S)
+        assert count == 1, name
+    with open(DOC, "w") as f:
+        f.write(text)
+    pictures(found)
+    print(f"wrote {DOC} and its pictures from {sum(len(s) for s in found.values())} runs")
+
+
+if __name__ == "__main__":
+    main()
