@@ -101,7 +101,7 @@ def get_parser():
     field's default and comment); the rest are the training program's."""
     p = argparse.ArgumentParser(
         usage="python dynat.py [--dataset D] [--target A] [--guide A] [--epochs E] [--inner] [--awp] [--alpha A]\n"
-              "                [--beta B] [--out-dir DIR] [--resume DIR|auto] [options]   (all: --help)",
+              "                [--beta B] [--out-dir DIR] [--resume [DIR]] [options]   (all: --help)",
         description="DYNAT: dynamic-label adversarial training (Algorithm 1). Defaults are the paper's setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults, helps, added = {f.name: f.default for f in dataclasses.fields(Config)}, config_help(), []
@@ -128,8 +128,9 @@ def get_parser():
     field(g, "alpha")
     field(g, "beta")
     g.add_argument("--out-dir", default="runs/dynat", help="where metrics, curves and checkpoints go")
-    g.add_argument("--resume", default=None, metavar="DIR|auto", help="continue the run in DIR from DIR/last.pt; "
-                   "auto: the run in --out-dir if there is one (the same flags), else start it%(default).0s")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR",
+                   help="alone (or 'auto'): continue the run in --out-dir if there is one (the same flags), else "
+                   "start it, as evaluate.py's --resume; DIR: continue the run in DIR from DIR/last.pt%(default).0s")
 
     g = p.add_argument_group("DYNAT's other variants (the paper's Tables 2-4), and ours")
     for name in ("inner_label", "awp_gamma"):
@@ -1368,7 +1369,7 @@ def main(argv=None):
         args = get_parser().parse_args(argv)
         ckpt = None
         if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and int(os.environ.get("RANK", "0")) == 0:
-            advice = ["pass --resume auto, or a restart will refuse its non-empty --out-dir"] * (args.resume != "auto")
+            advice = ["pass --resume, or a restart will refuse its non-empty --out-dir"] * (args.resume != "auto")
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # seen failing with torch 2.14.1
                 advice.append("start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or a restart may fail to "
                               "connect on stale addresses in torchrun's shared store (pytorch/pytorch#135712)")

@@ -369,3 +369,13 @@ def test_the_readmes_install_check_runs_as_written():
     r = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
     assert r.returncode == 0 and r.stdout.startswith("ok: torch "), r.stderr
+
+
+def test_resume_alone_starts_a_run_or_continues_it_as_evaluates_does(folder, tmp_path):
+    """One meaning for --resume in both scripts: continue what is in --out-dir, else start it."""
+    out = tmp_path / "run"
+    args = train_args(folder, out, "--epochs", "1", "--dry-run")
+    r = run_script([*args, "--resume"])
+    assert r.returncode == 0 and (out / "last.pt").is_file(), r.stderr
+    r = run_script([*args, "--resume"])
+    assert r.returncode == 0 and "already finished" in r.stdout, r.stderr

@@ -56,12 +56,12 @@ class Row:
         return os.path.join(runs_dir, os.path.relpath(path, "runs")) if runs_dir else path
 
     def commands(self, seed, runs_dir=None):
-        """(train argv, evaluate argv) for `seed`, continued where they stopped (--resume auto, --resume): the
+        """(train argv, evaluate argv) for `seed`, each continued where it stopped or else started (--resume): the
         document's commands with the run's out-dir, the seed and the evaluation's out-dir."""
         run = self.run_dir(seed, runs_dir)
         out = self.train.index("--out-dir")
         train = [sys.executable, *self.train[1:out], *self.train[out + 2:], *["--seed", str(seed)] * bool(seed),
-                 "--out-dir", run, "--resume", "auto"]
+                 "--out-dir", run, "--resume"]
         ev = [sys.executable, self.evaluate[1], os.path.join(run, "last.pt"), *self.evaluate[3:],
               "--out-dir", os.path.join(run, "eval"), "--resume"]
         return train, ev
@@ -100,7 +100,7 @@ def status(row, seed, runs_dir=None):
 
 def run_row(row, seed, runs_dir, log):
     """Train and evaluate one row (each continued if it stopped); a failure is written beside the run."""
-    failure = row.run_dir(seed, runs_dir).rstrip("/") + ".failed"  # beside the run: --resume auto reads its dir
+    failure = row.run_dir(seed, runs_dir).rstrip("/") + ".failed"  # beside the run: --resume reads its dir
     for argv in row.commands(seed, runs_dir):
         log(" ".join(shlex.quote(a) for a in argv))
         r = subprocess.run(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -142,7 +142,7 @@ def smoke(rows, device, log):
                 folders[classes] = synthetic_images(os.path.join(tmp, f"images{classes}"), classes, per_class=1)
             run = os.path.join(tmp, "run")
             train, ev = row.commands(0)
-            train = [*train[:-4], "--dataset", "imagefolder", "--data-dir", folders[classes], "--device", device,
+            train = [*train[:-3], "--dataset", "imagefolder", "--data-dir", folders[classes], "--device", device,
                      "--out-dir", run, *SMOKE_TRAIN]
             ev = [*ev[:2], os.path.join(run, "last.pt"), *ev[3:-3], "--device", device,
                   "--out-dir", os.path.join(run, "eval"), *SMOKE_EVAL]
