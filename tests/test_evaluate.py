@@ -536,7 +536,9 @@ def test_autoattack_on_a_whole_cifar_test_set_writes_robustbench_model_info(fold
 
     def fake_cifar10(dataset, data_dir, *a, **kw):
         out = real("imagefolder", str(folder["root"]), 0)
-        out["test"] = tuple(t[::4] for t in out["test"])  # 16 images, 4 per class
+        x, y = (t[::4] for t in out["test"])  # 16 images, 4 per class, at CIFAR's shape 3 x 32 x 32
+        out["test"] = (x.repeat_interleave(4, 2).repeat_interleave(4, 3), y)
+        assert out["test"][0].shape[1:] == (3, 32, 32)
         return out
     monkeypatch.setattr(data, "load_data", fake_cifar10)
     common = [folder["ckpt"], "--dataset", "cifar10", "--attacks", "aa"]
@@ -546,6 +548,9 @@ def test_autoattack_on_a_whole_cifar_test_set_writes_robustbench_model_info(fold
     with open(tmp_path / "full" / "robustbench_model_info.json") as f:
         info = json.load(f)
     assert set(info) == ROBUSTBENCH_FIELDS and "fill in" in out
+    # the keys of a leaderboard entry as RobustBench ships it (model_info/cifar10/Linf/Rice2020Overfitting.json)
+    assert {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+            "architecture", "eps", "clean_acc", "reported", "autoattack_acc"} <= set(info)
     assert (info["dataset"], info["eps"], info["architecture"]) == ("cifar10", "8/255", "WideResNet-10-1")
     assert info["clean_acc"] == f"{100 * results['accuracy']['clean']:.2f}"
     assert info["autoattack_acc"] == f"{100 * results['accuracy']['aa']:.2f}"
