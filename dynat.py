@@ -534,8 +534,8 @@ def awp_forward(target, x, loss_at, cfg):
     finally:  # after the backward: BatchNorm's backward reads the running statistics it saw
         for b, s in zip(target.buffers(), saved):
             b.copy_(s)
-    named, grads = [np for np, g in zip(named, grads) if g is not None], [g for g in grads if g is not None]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    named, grads = [pair for pair, g in zip(named, grads) if g is not None], [g for g in grads if g is not None]
+    if grads and torch.distributed.is_available() and torch.distributed.is_initialized():
         flat = torch.cat([g.reshape(-1) for g in grads]) * len(x)  # each process's mean times its share of the batch
         torch.distributed.all_reduce(flat)  # the global batch's gradient, up to a scale v does not see
         grads = [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grads]), grads)]
