@@ -236,6 +236,10 @@ def main(argv=None):
     p.add_argument("--doc", default=DOC, help="the page the rows are read from")
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # --print | head: no traceback
+    for name in ("runs_dir", "report_dir", "doc"):  # the commands run from the repository: so does the rest
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    os.chdir(ROOT)
     log = lambda *a: print(*a, flush=True)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
