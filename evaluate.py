@@ -41,7 +41,8 @@ COLUMNS = {"clean": "Clean", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": 
 # --resume refuses an out-dir evaluated with other values of these: they change the numbers.
 # batch_size too: AutoAttack draws its random starts per batch.
 SETTINGS = ("checkpoint_sha256", "model", "arch", "dataset", "images_sha256", "n", "norm", "epsilon", "step_size",
-            "restarts", "seed", "amp", "batch_size", "device", "dry_run")  # device: another device's kernels round differently
+            "restarts", "seed", "amp", "batch_size", "device",  # device: another device's kernels round differently
+            "dry_run")
 MODELS = {"target": "target", "guide": "guide", "target-ema": "ema"}  # --model: the checkpoint's key
 NORMS = {"linf": "L-inf", "l2": "L2"}
 
@@ -305,9 +306,9 @@ def load_model(args, device, log):
 
 def open_out_dir(args, meta, attacks, stack):
     """The output directory, held for `stack`'s life (dynat.own_out_dir), and the attacks an interrupted
-    evaluation finished there (with --resume); (out_dir, None, None) where it holds this very evaluation, finished. By default its name carries a digest of every setting:
-    evaluations with other settings (attacks, n, epsilon, ..., other weights) never share a directory,
-    and nothing is overwritten unasked."""
+    evaluation finished there (with --resume); (out_dir, None, None) where it holds this very evaluation, finished.
+    By default its name carries a digest of every setting: evaluations with other settings (attacks, n, epsilon,
+    ..., other weights) never share a directory, and nothing is overwritten unasked."""
     named = {k: meta[k] for k in SETTINGS + ("attacks",) if k != "dry_run" or meta[k]}  # digests as before
     digest = hashlib.sha256(json.dumps(named, sort_keys=True).encode())
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
