@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "fashion-mnist-regime.md")
 DIR = os.path.join(ROOT, "docs", "fashion-mnist-regime")
 METHODS = {"clean": "no attack (a clean WRN-16-2: the room for a gain)", "pgd-at": "PGD-AT", "trades": "TRADES (β = 6)", "dynat-inner": "DYNAT-Inner", "dynat": "DYNAT (KL attack)",
-           "dynat-inner-awp": "DYNAT-Inner-AWP (α = 1)", "dynat-inner-warmup": "DYNAT-Inner, guide warm-up"}
+           "dynat-inner-awp": "DYNAT-Inner-AWP (α = 1)", "dynat-inner-warmup": "DYNAT-Inner, guide warm-up 1"}
 COLUMNS = ("clean", "pgd20", "cw20")
 
 
