@@ -107,7 +107,8 @@ def get_parser():
     defaults, helps, added = {f.name: f.default for f in dataclasses.fields(Config)}, config_help(), []
 
     def field(group, name, **kw):  # Config's field `name` as --name, with its default and its comment
-        default, flag, added[len(added):] = defaults[name], "--" + name.replace("_", "-"), [name]
+        default, flag = defaults[name], "--" + name.replace("_", "-")
+        added.append(name)
         if isinstance(default, bool):
             kw.update(action=argparse.BooleanOptionalAction if default else "store_true")
         elif name in CHOICES:

@@ -55,15 +55,16 @@ class Row:
         path = self.out_dir + (f"-s{seed}" if seed else "")
         return os.path.join(runs_dir, os.path.relpath(path, "runs")) if runs_dir else path
 
-    def commands(self, seed, runs_dir=None):
-        """(train argv, evaluate argv) for `seed`, each continued where it stopped or else started (--resume): the
-        document's commands with the run's out-dir, the seed and the evaluation's out-dir."""
-        run = self.run_dir(seed, runs_dir)
+    def commands(self, seed, runs_dir=None, run=None, train_extra=("--resume",), eval_extra=("--resume",)):
+        """(train argv, evaluate argv) for `seed`: the document's commands with the run's out-dir (`run`, else the
+        row's), the seed and the evaluation's out-dir, then `*_extra` (by default --resume: each continued where it
+        stopped or else started)."""
+        run = run or self.run_dir(seed, runs_dir)
         out = self.train.index("--out-dir")
         train = [sys.executable, *self.train[1:out], *self.train[out + 2:], *["--seed", str(seed)] * bool(seed),
-                 "--out-dir", run, "--resume"]
+                 "--out-dir", run, *train_extra]
         ev = [sys.executable, self.evaluate[1], os.path.join(run, "last.pt"), *self.evaluate[3:],
-              "--out-dir", os.path.join(run, "eval"), "--resume"]
+              "--out-dir", os.path.join(run, "eval"), *eval_extra]
         return train, ev
 
 
@@ -141,11 +142,9 @@ def smoke(rows, device, log):
             if classes not in folders:
                 folders[classes] = synthetic_images(os.path.join(tmp, f"images{classes}"), classes, per_class=1)
             run = os.path.join(tmp, "run")
-            train, ev = row.commands(0)
-            train = [*train[:-3], "--dataset", "imagefolder", "--data-dir", folders[classes], "--device", device,
-                     "--out-dir", run, *SMOKE_TRAIN]
-            ev = [*ev[:2], os.path.join(run, "last.pt"), *ev[3:-3], "--device", device,
-                  "--out-dir", os.path.join(run, "eval"), *SMOKE_EVAL]
+            train, ev = row.commands(0, run=run, eval_extra=("--device", device, *SMOKE_EVAL),
+                                     train_extra=("--dataset", "imagefolder", "--data-dir", folders[classes],
+                                                  "--device", device, *SMOKE_TRAIN))
             t0, error = time.time(), None
             for argv in (train, ev):
                 r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
