@@ -33,6 +33,11 @@ import pyautoattack
 import torch
 
 import dynat
+import dynat_runs as runs
+
+with runs.ours("models", "data"):
+    import data  # noqa: E402  (ours: models.py and data.py beside this file, even beside a research repo's models/)
+    import models  # noqa: E402
 
 AA_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack "standard", in its order
 AUTOATTACK = AA_STAGES + ("aa",)
@@ -48,6 +53,8 @@ NORMS = {"linf": "L-inf", "l2": "L2"}
 
 
 def get_parser():
+    """evaluate.py's flags; a setting it shares with dynat.py is that one's definition (Config's field, or
+    dynat_runs.FLAGS's entry), its default here the checkpoint's where that is the natural one."""
     p = argparse.ArgumentParser(description="Robust accuracy of a DYNAT checkpoint (the paper's table columns).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -56,31 +63,36 @@ def get_parser():
       help="which model of the checkpoint: f_t, f_g, or the average of f_t's weights (dynat.py --ema)")
     a("--attacks", default="clean,pgd10,pgd20,pgd50,cw20,aa",
       help="comma list of clean, pgdK, cwK (any K), apgd-ce, apgd-t, fab-t, square, aa; clean always runs")
-    a("--norm", default=None, choices=list(dynat.RADII), help="threat model (unset: the checkpoint's, else linf)")
-    # the radius and step depend on --norm: "%(default).0s" keeps argparse from appending "(default: None)"
-    a("--epsilon", type=dynat.fraction, default=None,
-      help="radius: 8/255 (L-inf; or 0.031), 128/255 (L2; RobustBench's leaderboard: 0.5)%(default).0s")
-    a("--step-size", type=dynat.fraction, default=None, help="PGD / C&W step: 2/255 (L-inf), 15/255 (L2)%(default).0s")
-    a("--restarts", type=int, default=1, help="PGD / C&W random starts; robust = survives all of them")
-    a("--seed", type=int, default=0, help="seed of the random starts (every attack is reseeded with it)")
     a("--n", type=int, default=None, help="evaluate the first N test images (unset: the whole test set)")
-    a("--batch-size", type=int, default=256, help="images per attack batch")
-    a("--amp", default="none", choices=["none", "bf16", "fp16"],
-      help="autocast precision of PGD / C&W (AutoAttack and clean always run in float32; the published "
-           "columns are float32; fp16 is refused: its input gradient underflows and PGD stops moving)")
-    a("--dataset", default=None, choices=dynat.sibling("data").DATASETS,
-      help="test data (unset: the checkpoint's; required for a plain state_dict)")
-    a("--data-dir", default=None, help="where the dataset lives (unset: the checkpoint's, else ./data)")
-    a("--arch", default=None, help="architecture of a plain state_dict: resnet18 or wrn-D-K, e.g. wrn-34-10")
-    a("--workers", type=int, default=2, help="processes decoding an ImageFolder once at start-up")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--out-dir", default=None,
       help="where results go (unset: <checkpoint dir>/eval_<checkpoint name>_<model>_<digest of the settings>)")
     a("--resume", action="store_true", help="continue the evaluation in --out-dir if it holds one with the same "
       "settings (finished attacks are kept; a finished one is printed again), else start it")
+    a("--overwrite", action="store_true", help="start again in an --out-dir that holds an earlier evaluation")
     a("--dry-run", action="store_true", help="smoke tests: PGD/C&W of one step, AutoAttack's stages of one iteration, "
       "one target class and 10 Square queries (the numbers mean nothing)")
-    a("--overwrite", action="store_true", help="start again in an --out-dir that holds an earlier evaluation")
+
+    g = p.add_argument_group("threat model (unset: the checkpoint's)")
+    # the radius and step depend on --norm: "%(default).0s" keeps argparse from appending "(default: None)"
+    dynat.config_flag(g, "norm", default=None, help="threat model (unset: the checkpoint's, else linf)")
+    dynat.config_flag(g, "epsilon", default=None, type=runs.fraction,
+                      help="radius: 8/255 (L-inf; or 0.031), 128/255 (L2; RobustBench's leaderboard: 0.5)%(default).0s")
+    dynat.config_flag(g, "step_size", default=None, type=runs.fraction,
+                      help="PGD / C&W step: 2/255 (L-inf), 15/255 (L2)%(default).0s")
+    g.add_argument("--restarts", type=int, default=1, help="PGD / C&W random starts; robust = survives all of them")
+    runs.add_flags(g, "seed", seed=dict(help="seed of the random starts (every attack is reseeded with it)"))
+
+    g = p.add_argument_group("data, device and precision")
+    runs.add_flags(g, "dataset", "data_dir", "workers", "device", "batch_size",
+                   dataset=dict(default=None, help="test data (unset: the checkpoint's; required for a plain "
+                                "state_dict)"),
+                   data_dir=dict(default=None, help="where the dataset lives (unset: the checkpoint's, else ./data)"),
+                   batch_size=dict(default=256, help="images per attack batch"))
+    g.add_argument("--arch", default=None, help="architecture of a plain state_dict: resnet18 or wrn-D-K, "
+                   "e.g. wrn-34-10")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="autocast precision of PGD / C&W (AutoAttack and clean always run in float32; the published "
+                   "columns are float32; fp16 is refused: its input gradient underflows and PGD stops moving)")
     return p
 
 
@@ -91,7 +103,7 @@ def parse_attacks(text):
         if name in ("", "clean") or name in names:
             continue
         if name not in AUTOATTACK and not re.fullmatch(r"(pgd|cw)[1-9]\d*", name):
-            raise dynat.UsageError(f"--attacks: unknown attack {name!r}; expected clean, pgdK, cwK (K >= 1), "
+            raise runs.UsageError(f"--attacks: unknown attack {name!r}; expected clean, pgdK, cwK (K >= 1), "
                                    + ", ".join(AUTOATTACK))
         names.append(name)
     return names
@@ -124,9 +136,9 @@ def file_sha256(path):
 def resolve_checkpoint(args, log):
     """(state_dict, arch, dataset, data_dir, classes, norm) of the model to evaluate; classes None = the data's,
     norm the one it was trained against (None: unknown)."""
-    ckpt = dynat.load_checkpoint(args.checkpoint)
+    ckpt = runs.load_checkpoint(args.checkpoint)
     if not isinstance(ckpt, dict):
-        raise dynat.UsageError(f"{args.checkpoint}: not a checkpoint (holds a {type(ckpt).__name__})")
+        raise runs.UsageError(f"{args.checkpoint}: not a checkpoint (holds a {type(ckpt).__name__})")
     if "args" in ckpt:  # written by dynat.py: architecture, data and class count come from its flags
         try:
             saved = ckpt["args"]
@@ -135,14 +147,14 @@ def resolve_checkpoint(args, log):
             arch = args.arch or saved["guide" if key == "guide" else "target"]
             dataset, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
         except (KeyError, TypeError) as e:
-            raise dynat.UsageError(f"{args.checkpoint}: not a dynat.py checkpoint (no {e})")
+            raise runs.UsageError(f"{args.checkpoint}: not a dynat.py checkpoint (no {e})")
         if state is None:
             why = "trained with --labels true" if key == "guide" else "trained without --ema"
-            raise dynat.UsageError(f"{args.checkpoint} holds no {args.model} model ({why})")
+            raise runs.UsageError(f"{args.checkpoint} holds no {args.model} model ({why})")
         return state, arch, dataset, data_dir, classes, saved.get("norm", "linf")
     # A plain state_dict from another codebase: the user says what it is.
     if not (args.arch and args.dataset):
-        raise dynat.UsageError(f"{args.checkpoint} is a plain state_dict (no saved args): pass --arch and --dataset")
+        raise runs.UsageError(f"{args.checkpoint} is a plain state_dict (no saved args): pass --arch and --dataset")
     if isinstance(ckpt.get("state_dict"), dict):
         log(f"{args.checkpoint}: using its 'state_dict' entry")
         ckpt = ckpt["state_dict"]
@@ -190,14 +202,14 @@ def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, de
                 batch, pending = pending[:batch_size], pending[batch_size:]
                 y_batch = y[batch].to(device)
                 # y_adv: predictions on x_adv, the clean point where the stage found nothing.
-                x_batch = dynat.sibling("data").to_input(x[batch], device)
+                x_batch = data.to_input(x[batch], device)
                 _, y_adv = aa.run_standard_evaluation(x_batch, y_batch, batch_size=len(batch))
                 robust[batch] = (y_adv == y_batch).cpu()
                 state.update(robust=robust.tolist(), pending=pending.tolist())
-                dynat.write_atomic(state_path, lambda f: json.dump(state, f), "w")
+                runs.write_atomic(state_path, lambda f: json.dump(state, f), "w")
                 bar.update(len(batch))
         state.update(done=state["done"] + [stage], pending=None)
-        dynat.write_atomic(state_path, lambda f: json.dump(state, f), "w")
+        runs.write_atomic(state_path, lambda f: json.dump(state, f), "w")
         if name == "aa" and stage == "square" and robust_before - int(robust.sum()) > 0.002 * len(robust):
             # AutoAttack's check_square_sr: a black-box attack beating the gradient attacks.
             print(f"warning: Square broke {robust_before - int(robust.sum())} points that survived the gradient "
@@ -211,7 +223,7 @@ def pgd_settings(meta):
     """', PGD/C&W step 2/255, 1 restart(s)' when PGD or C&W ran; '' for an AutoAttack-only evaluation."""
     if not any(re.fullmatch(r"(pgd|cw)\d+", a) for a in meta["attacks"]):
         return ""
-    return f", PGD/C&W step {dynat.fmt_fraction(meta['step_size'])}, {meta['restarts']} restart(s)"
+    return f", PGD/C&W step {runs.fmt_fraction(meta['step_size'])}, {meta['restarts']} restart(s)"
 
 
 def summary(masks):
@@ -240,15 +252,15 @@ def save_outputs(out_dir, meta, masks, seconds, complete):
     accuracy, mean, worst = summary(masks)
     arrays = {a: m.numpy() for a, m in masks.items()}
     # The arrays first: --resume trusts an attack only once results.json lists it.
-    dynat.write_atomic(os.path.join(out_dir, "per_example.npz"), lambda f: np.savez(f, **arrays, worst=worst.numpy()), "wb")
+    runs.write_atomic(os.path.join(out_dir, "per_example.npz"), lambda f: np.savez(f, **arrays, worst=worst.numpy()), "wb")
     results = dict(meta, accuracy=accuracy, all=mean, worst=worst.double().mean().item(),
                    seconds={a: round(s, 3) for a, s in seconds.items()}, complete=complete)
-    dynat.write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(results, f, indent=1), "w")
+    runs.write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(results, f, indent=1), "w")
     lines = table(meta, accuracy, mean, worst)
     header = (f"{meta['dataset']}, first {meta['n']} of {meta['n_test']} test images, {NORMS[meta['norm']]} eps = "
-              f"{dynat.fmt_fraction(meta['epsilon'])}{pgd_settings(meta)}, seed {meta['seed']}; accuracy in %; precision: "
+              f"{runs.fmt_fraction(meta['epsilon'])}{pgd_settings(meta)}, seed {meta['seed']}; accuracy in %; precision: "
               + ", ".join(f"{column(a)} {p}" for a, p in meta["precision"].items()))
-    dynat.write_atomic(os.path.join(out_dir, "results.md"), lambda f: f.write("\n".join([header, ""] + lines) + "\n"), "w")
+    runs.write_atomic(os.path.join(out_dir, "results.md"), lambda f: f.write("\n".join([header, ""] + lines) + "\n"), "w")
     return header, lines
 
 
@@ -257,13 +269,13 @@ def robustbench_info(out_dir, meta, masks):
     RobustBench's model_info entries (RobustBench/robustbench, model_info/<dataset>/<Linf|L2>/<name>.json);
     returns the line that says what is left to fill in."""
     architecture = {"resnet18": "ResNet-18"}.get(meta["arch"], "WideResNet-" + "-".join(meta["arch"].split("-")[1:]))
-    eps = dynat.fmt_fraction(meta["epsilon"]) if meta["norm"] == "linf" else f"{meta['epsilon']:g}"
+    eps = runs.fmt_fraction(meta["epsilon"]) if meta["norm"] == "linf" else f"{meta['epsilon']:g}"
     info = {"link": "", "name": "", "authors": "", "additional_data": False, "number_forward_passes": 1,
             "dataset": meta["dataset"], "venue": "", "architecture": architecture, "eps": eps,
             "clean_acc": f"{100 * masks['clean'].double().mean().item():.2f}", "reported": "",
             "autoattack_acc": f"{100 * masks['aa'].double().mean().item():.2f}", "footnote": "", "unreliable": False}
     path = os.path.join(out_dir, "robustbench_model_info.json")
-    dynat.write_atomic(path, lambda f: json.dump(info, f, indent=4), "w")
+    runs.write_atomic(path, lambda f: json.dump(info, f, indent=4), "w")
     board = {"linf": "8/255", "l2": "0.5"}[meta["norm"]]
     return (f"wrote {path} for RobustBench's {NORMS[meta['norm']]} leaderboard: fill in "
             "link, name, authors, venue, reported (your paper's figure) and footnote; additional_data false (dynat.py "
@@ -276,36 +288,36 @@ def robustbench_info(out_dir, meta, masks):
 def load_model(args, device, log):
     """The model to evaluate (eval mode, frozen, on the device) and its test images (uint8, on the CPU)."""
     state, arch, dataset, data_dir, classes, norm = resolve_checkpoint(args, log)
-    data = dynat.checked(dynat.sibling("data").load_data, dataset, data_dir, args.workers)
-    if classes is not None and classes != data["classes"]:
-        raise dynat.UsageError(f"{args.checkpoint} has {classes} classes, {dataset} at {data_dir} "
-                               f"has {data['classes']}")
+    sets = runs.checked(data.load_data, dataset, data_dir, args.workers)
+    if classes is not None and classes != sets["classes"]:
+        raise runs.UsageError(f"{args.checkpoint} has {classes} classes, {dataset} at {data_dir} "
+                               f"has {sets['classes']}")
     try:
-        model = dynat.sibling("models").build_model(arch, data["classes"])
+        model = models.build_model(arch, sets["classes"])
     except ValueError as e:
-        raise dynat.UsageError(f"--arch: {e}")
-    dynat.load_weights(model, state, f"{args.checkpoint} [{args.model}]", log)  # strict: exact keys and shapes
-    bad = dynat.sibling("models").first_nonfinite(model.state_dict())
+        raise runs.UsageError(f"--arch: {e}")
+    runs.load_weights(model, state, f"{args.checkpoint} [{args.model}]", log)  # strict: exact keys and shapes
+    bad = runs.first_nonfinite(model.state_dict())
     if bad:
-        raise dynat.UsageError(f"{args.checkpoint} [{args.model}]: {bad} holds inf or nan: nothing to evaluate")
+        raise runs.UsageError(f"{args.checkpoint} [{args.model}]: {bad} holds inf or nan: nothing to evaluate")
     # Only input gradients are needed; frozen weights also keep FAB's backward from filling .grad.
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     model.eval().requires_grad_(False)
-    x_test, y_test = data["test"]
+    x_test, y_test = sets["test"]
     if len(y_test) == 0:
-        raise dynat.UsageError(f"{dataset} at {data_dir}: no test images")
+        raise runs.UsageError(f"{dataset} at {data_dir}: no test images")
     # Sanity checks before attacking: eval mode everywhere (BatchNorm on running statistics) and the
     # threat model's pixel range (the models see unnormalised [0, 1] inputs).
     if any(m.training for m in model.modules()):
-        raise dynat.UsageError(f"{arch}: a submodule stays in train mode after model.eval()")
-    probe = dynat.sibling("data").to_input(x_test[:args.batch_size], device)
+        raise runs.UsageError(f"{arch}: a submodule stays in train mode after model.eval()")
+    probe = data.to_input(x_test[:args.batch_size], device)
     if x_test.dtype != torch.uint8 or probe.min() < 0 or probe.max() > 1:
-        raise dynat.UsageError(f"{dataset}: test inputs are not [0, 1] pixels (dtype {x_test.dtype})")
-    return model, arch, dataset, data["classes"], x_test, y_test, norm
+        raise runs.UsageError(f"{dataset}: test inputs are not [0, 1] pixels (dtype {x_test.dtype})")
+    return model, arch, dataset, sets["classes"], x_test, y_test, norm
 
 
 def open_out_dir(args, meta, attacks, stack):
-    """The output directory, held for `stack`'s life (dynat.own_out_dir), and the attacks an interrupted
+    """The output directory, held for `stack`'s life (runs.own_out_dir), and the attacks an interrupted
     evaluation finished there (with --resume); (out_dir, None, None) where it holds this very evaluation, finished.
     By default its name carries a digest of every setting: evaluations with other settings (attacks, n, epsilon,
     ..., other weights) never share a directory, and nothing is overwritten unasked."""
@@ -330,15 +342,15 @@ def open_out_dir(args, meta, attacks, stack):
     if resuming:
         for key in SETTINGS:
             if setting(key) != meta[key]:
-                raise dynat.UsageError(f"--resume: {out_dir} was evaluated with {key} = {prev.get(key)!r}, "
+                raise runs.UsageError(f"--resume: {out_dir} was evaluated with {key} = {prev.get(key)!r}, "
                                        f"not {meta[key]!r}; pass --out-dir elsewhere or --overwrite")
         with np.load(os.path.join(out_dir, "per_example.npz")) as f:
             done = {a: torch.from_numpy(f[a]) for a in attacks if a in f.files and a in prev["seconds"]}
         seconds = {a: prev["seconds"][a] for a in done}
     elif earlier and not (args.overwrite or args.resume):
-        raise dynat.UsageError(f"{out_dir} holds an earlier evaluation with the same settings: pass --resume "
+        raise runs.UsageError(f"{out_dir} holds an earlier evaluation with the same settings: pass --resume "
                                "to continue it or --overwrite to start again")
-    stack.enter_context(dynat.own_out_dir(out_dir, "evaluate.py"))  # refused while a live evaluation writes there
+    stack.enter_context(runs.own_out_dir(out_dir, "evaluate.py"))  # refused while a live evaluation writes there
     if not resuming:  # a stale AutoAttack state would otherwise be continued
         for path in glob.glob(os.path.join(out_dir, "autoattack_*.json")):
             os.remove(path)
@@ -356,13 +368,13 @@ def attack(name, model, x, y, clean, args, out_dir, progress, amp, classes, **co
     loss, steps = re.fullmatch(r"(pgd|cw)(\d+)", name).groups()
     settings = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=1 if args.dry_run else int(steps),
                     loss="ce" if loss == "pgd" else "cw", start="uniform", norm=args.norm)
-    with progress(0, column(name)) as bar, dynat.autocast(common["device"], amp):
-        return dynat.robust_mask(model, x, y, settings, clean=clean, restarts=args.restarts, progress=bar, **common)
+    with progress(0, column(name)) as bar, runs.autocast(common["device"], amp):
+        return runs.robust_mask(model, x, y, dynat.pgd(**settings), clean=clean, restarts=args.restarts, progress=bar, **common)
 
 
 def provenance():
-    """results.json's commit and library versions (dynat.provenance plus pyautoattack's)."""
-    versions = dynat.provenance()
+    """results.json's commit and library versions (runs.provenance plus pyautoattack's)."""
+    versions = runs.provenance()
     return {"commit": versions.pop("commit"), "versions": {**versions, "pyautoattack": pyautoattack.__version__}}
 
 
@@ -377,20 +389,18 @@ def configure_backends():
 
 
 def run(args, stack):
-    from tqdm import tqdm
-
     log = lambda *a: print(*a, flush=True)
-    dynat.require(args, ("n", "restarts", "batch_size"), lambda v: v >= 1, ">= 1")
-    dynat.require(args, ("workers",), lambda v: v >= 0, ">= 0")
+    runs.require(args, ("n", "restarts", "batch_size"), lambda v: v >= 1, ">= 1")
+    runs.require(args, ("workers",), lambda v: v >= 0, ">= 0")
     if args.amp == "fp16":
-        raise dynat.UsageError("--amp fp16 is refused: fp16's input gradient underflows to 0 on confidently "
+        raise runs.UsageError("--amp fp16 is refused: fp16's input gradient underflows to 0 on confidently "
                                "classified points, PGD stops moving and robust accuracy is overstated; use bf16 or none")
     attacks = parse_attacks(args.attacks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise dynat.UsageError("evaluate.py runs in one process: start it with python, not torchrun")
+        raise runs.UsageError("evaluate.py runs in one process: start it with python, not torchrun")
     configure_backends()
-    _, _, device = dynat.init_processes(args.device)
-    amp = dynat.amp_dtype(args.amp, device)
+    _, _, device = runs.init_processes(args.device)
+    amp = runs.amp_dtype(args.amp, device)
     model, arch, dataset, classes, x_test, y_test, trained_norm = load_model(args, device, log)
     # the threat model: the checkpoint's unless given; its radius and step by default
     args.norm = args.norm or trained_norm or "linf"
@@ -414,15 +424,14 @@ def run(args, stack):
             log(f"{out_dir} already holds this evaluation, finished (--overwrite recomputes it):\n\n{f.read()}")
         return 0
     log(f"evaluating {meta['checkpoint']} [{args.model}: {arch}] on {dataset}: first {n} of {len(y_test)} test "
-        f"images, {NORMS[args.norm]} eps {dynat.fmt_fraction(args.epsilon)}{pgd_settings(meta)}, seed {args.seed}, "
+        f"images, {NORMS[args.norm]} eps {runs.fmt_fraction(args.epsilon)}{pgd_settings(meta)}, seed {args.seed}, "
         f"{device}, precision "
         f"{', '.join(f'{column(a)} {p}' for a, p in meta['precision'].items())} -> {out_dir}")
-    progress = lambda total, desc: tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True,
-                                        disable=not sys.stderr.isatty())
+    progress = lambda total, desc: runs.progress_bar(total, desc, unit="img")
     common = dict(device=device, batch_size=args.batch_size, channels_last=device.type == "cuda",
                   fixed_shape=device.type == "cuda")
     t0 = time.time()
-    masks = {"clean": dynat.classify(model, x, y, **common)[1]}  # float32, whatever --amp says
+    masks = {"clean": runs.classify(model, x, y, **common)[1]}  # float32, whatever --amp says
     seconds["clean"] = time.time() - t0
     clean_acc = masks["clean"].float().mean().item()
     log(f"clean accuracy: {100 * clean_acc:.2f}% ({int(masks['clean'].sum())}/{n})")
@@ -450,21 +459,11 @@ def run(args, stack):
 
 
 def main(argv=None):
-    try:
+    def evaluate():
         with contextlib.ExitStack() as stack:
             return run(get_parser().parse_args(argv), stack)
-    except dynat.UsageError as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
-    except dynat.Stopped as e:
-        print(f"evaluate.py: stopped: {e}; the finished attacks are saved: run again with --resume", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("evaluate.py: interrupted; the finished attacks are saved: run again with --resume", file=sys.stderr)
-        return 130
-    except OSError as e:  # a file that cannot be read or written (data, out-dir): one line, never a traceback
-        print(f"evaluate.py: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
+    return runs.exit_code("evaluate.py", evaluate, stopped="; the finished attacks are saved: run again with --resume",
+                          interrupted="interrupted; the finished attacks are saved: run again with --resume")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import dynat
+import dynat_runs
 import models
 
 C = 10
@@ -382,7 +383,7 @@ def test_target_gradient_depends_on_y_with_true_labels(inner):
 # ----------------------------------------------------------------------------- 5. --labels true builds no guide
 
 def test_main_labels_true_builds_and_saves_no_guide(tmp_path, monkeypatch, one_thread_and_signals):
-    built, ours = [], dynat.sibling("models")
+    built, ours = [], dynat.models
     real_build = ours.build_model
     monkeypatch.setattr(ours, "build_model", lambda name, classes: built.append(name) or real_build(name, classes))
     rc = dynat.main(["--dataset", "synthetic", "--labels", "true", "--target", "wrn-10-1", "--epochs", "1",
@@ -699,7 +700,7 @@ def test_trades_style_wrn_checkpoint_loads_after_logged_mapping():
     trades.update({f"module.sub_{k}": v.clone() for k, v in ours.items() if k.startswith("block1.")})
     notes = []
     fresh = models.build_model("wrn-16-2", 10)
-    dynat.load_weights(fresh, trades, "trades.pt", log=notes.append)
+    dynat_runs.load_weights(fresh, trades, "trades.pt", log=notes.append)
     assert any("module." in n for n in notes) and any("sub_block1" in n for n in notes)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in ours.items())
 
@@ -763,7 +764,7 @@ def test_attack_moves_the_pixels_under_every_amp(amp, loss):
     with torch.no_grad():
         y = model(x).argmax(1)
     torch.manual_seed(0)
-    with dynat.autocast(torch.device("cpu"), dynat.amp_dtype(amp, torch.device("cpu"))):  # the caller's precision
+    with dynat_runs.autocast(torch.device("cpu"), dynat_runs.amp_dtype(amp, torch.device("cpu"))):  # the caller's precision
         x_adv, _ = dynat.perturb(model, x, y, epsilon=EPS, step_size=STEP, num_steps=10, loss=loss)
     unmoved = ((x_adv - x).abs() < STEP / 2).float().mean().item()
     assert unmoved < 0.05, f"{unmoved:.1%} of the pixels never moved under --amp {amp}"
@@ -786,12 +787,12 @@ def test_amp_auto_and_the_attack_pick_bf16_only_where_the_gpu_runs_it_natively(m
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.float16)
     monkeypatch.setattr(torch, "autocast", lambda device_type, dtype=None, enabled=True: (device_type, dtype, enabled))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert dynat.amp_dtype("auto", gpu) is None
+    assert dynat_runs.amp_dtype("auto", gpu) is None
     assert dynat.no_fp16(gpu) == ("cuda", None, False)  # float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
-    assert dynat.amp_dtype("auto", gpu) is torch.bfloat16
+    assert dynat_runs.amp_dtype("auto", gpu) is torch.bfloat16
     assert dynat.no_fp16(gpu) == ("cuda", torch.bfloat16, True)
-    assert dynat.amp_dtype("auto", torch.device("cpu")) is None
+    assert dynat_runs.amp_dtype("auto", torch.device("cpu")) is None
 
 
 def test_classify_counts_a_point_robust_only_if_correct_at_every_iterate(monkeypatch):
@@ -807,11 +808,11 @@ def test_classify_counts_a_point_robust_only_if_correct_at_every_iterate(monkeyp
     def perturb(model, xb, yb, **kw):  # returns the clean point: the last iterate is correct
         return xb, kappa[:len(yb)]
     monkeypatch.setattr(dynat, "perturb", perturb)
-    attack = dict(epsilon=EPS, step_size=STEP, num_steps=steps, loss="ce", start="uniform")
-    pred, correct = dynat.classify(target, x, y, device=torch.device("cpu"), attack=attack)
+    attack = dynat.pgd(epsilon=EPS, step_size=STEP, num_steps=steps, loss="ce", start="uniform")
+    pred, correct = dynat_runs.classify(target, x, y, device=torch.device("cpu"), attack=attack)
     assert torch.equal(pred, y)
     assert correct.tolist() == (kappa == steps).tolist()
-    assert torch.equal(dynat.robust_mask(target, x, y, attack, device=torch.device("cpu")), kappa == steps)
+    assert torch.equal(dynat_runs.robust_mask(target, x, y, attack, device=torch.device("cpu")), kappa == steps)
 
 
 def test_classify_fixed_shape_pads_every_forward_to_one_batch_shape():
@@ -821,15 +822,15 @@ def test_classify_fixed_shape_pads_every_forward_to_one_batch_shape():
     shapes = []
     target.register_forward_pre_hook(lambda m, inp: shapes.append(inp[0].shape[0]))
     kw = dict(device=torch.device("cpu"), batch_size=4)
-    plain = dynat.classify(target, x, y, **kw)
+    plain = dynat_runs.classify(target, x, y, **kw)
     assert shapes == [4, 4, 3]
     shapes.clear()
-    padded = dynat.classify(target, x, y, fixed_shape=True, **kw)
+    padded = dynat_runs.classify(target, x, y, fixed_shape=True, **kw)
     assert shapes == [4, 4, 4]
     assert torch.equal(plain[0], padded[0]) and torch.equal(plain[1], padded[1]) and len(padded[0]) == 11
     shapes.clear()
-    attack = dict(epsilon=EPS, step_size=STEP, num_steps=2, loss="ce", start="uniform")
-    dynat.classify(target, x[:3], y[:3], fixed_shape=True, attack=attack, **kw)
+    attack = dynat.pgd(epsilon=EPS, step_size=STEP, num_steps=2, loss="ce", start="uniform")
+    dynat_runs.classify(target, x[:3], y[:3], fixed_shape=True, attack=attack, **kw)
     assert set(shapes) == {4}
 
 
@@ -840,7 +841,7 @@ def test_global_batchnorm_variance_is_never_negative(tmp_path):
     x = (300 + 200 * torch.rand(1, 4, 1, 1)) + 1e-3 * torch.rand(8, 4, 5, 5)
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
     try:
-        bn = models.GlobalBatchNorm2d(4).train()
+        bn = dynat_runs.GlobalBatchNorm2d(4).train()
         out = bn(x)
     finally:
         dist.destroy_process_group()
@@ -1029,7 +1030,7 @@ def test_float32_training_runs_without_tf32():
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-        dynat.configure_backends(deterministic=False)
+        dynat_runs.configure_backends(deterministic=False)
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
@@ -1101,7 +1102,7 @@ def test_dynat_loss_attacks_in_the_l2_ball_with_its_default_radius(spy, inner):
 def test_training_batches_are_cropped_and_flipped_unless_augmentation_is_off():
     """Sec. 4.1's augmentation (4-pixel zero-padded crop, horizontal flip) on every batch; --no-augment (the
     Fashion-MNIST regime's setting) hands the images over as they are, in [0, 1]."""
-    data = dynat.sibling("data")
+    data = dynat.data
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randint(1, 256, (64, 3, 12, 12), dtype=torch.uint8, generator=g), torch.arange(64) % 10
     idx = torch.arange(64)

@@ -66,7 +66,7 @@ def folder(tmp_path_factory):
                 r, c = divmod(k, 2)
                 img[4 * r:4 * r + 4, 4 * c:4 * c + 4] += 0.1
                 Image.fromarray((255 * img).round().byte().numpy()).save(root / split / f"c{k}" / f"{i}.png")
-    x_u8, y = dynat.sibling("data").load_data("imagefolder", str(root), 0)["test"]
+    x_u8, y = dynat.data.load_data("imagefolder", str(root), 0)["test"]
     x = x_u8.float() / 255
     torch.manual_seed(0)
     model = build_model("wrn-10-1", 4).eval()
@@ -531,7 +531,7 @@ ROBUSTBENCH_FIELDS = {"link", "name", "authors", "additional_data", "number_forw
 def test_autoattack_on_a_whole_cifar_test_set_writes_robustbench_model_info(folder, capsys, tmp_path, monkeypatch):
     """Clean and AA on every test image of CIFAR-10 (here: the fixture's 16 first images under that name) give
     robustbench_model_info.json with RobustBench's fields; a subset of the test set gives none."""
-    data = dynat.sibling("data")
+    data = dynat.data
     real = data.load_data
 
     def fake_cifar10(dataset, data_dir, *a, **kw):

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import dynat
+import dynat_runs
 import evaluate
-import models
 from test_scripts import ROOT, assert_same_weights, make_imagefolder, metrics
 
 RUN = ["--dataset", "synthetic", "--train-size", "64", "--batch-size", "32", "--epochs", "2", "--deterministic",
@@ -113,7 +113,7 @@ def test_a_live_runs_out_dir_is_refused_to_every_other_process_and_a_dead_ones_i
     finally:
         proc.kill()
         proc.wait()
-    assert (out / dynat.LOCK).exists()  # left behind by the killed run: it blocks nothing
+    assert (out / dynat_runs.LOCK).exists()  # left behind by the killed run: it blocks nothing
     rc, _, err = evaluate_(capsys, out / "last.pt", "--attacks", "clean", "--out-dir", out)
     assert rc == 0, err
 
@@ -148,8 +148,8 @@ def test_non_finite_weights_are_never_saved_and_never_evaluated(tmp_path, capsys
     assert rc == 1 and one_line(err), err
     assert "target.block1.layer.0.bn2.running_var holds inf or nan: not saved" in err
     assert f"{out / 'last.pt'} keeps the last good state" in err
-    ckpt = models.load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] == 1 and models.first_nonfinite(ckpt) is None
+    ckpt = dynat_runs.load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and dynat_runs.first_nonfinite(ckpt) is None
     poison_state = {k: v for k, v in ckpt.items()}
     poison_state["target"]["bn1.running_var"][0] = float("nan")
     torch.save(poison_state, tmp_path / "nan.pt")  # written by hand: no SHA-256 to check
@@ -186,10 +186,10 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_a_resume_checks_the_space_fir
     assert f"{out / 'last.pt'}: No space left on device while writing it; the previous one is kept" in err
     assert (out / "last.pt").read_bytes() == saved[1] and not list(out.glob("*.tmp*"))
     # a resume on a disk still full stops before it trains, and rewrites nothing
-    files = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.name != dynat.LOCK}
+    files = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.name != dynat_runs.LOCK}
     before = files()
     with monkeypatch.context() as m:
-        m.setattr(dynat.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+        m.setattr(dynat_runs.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
         rc, _, err = train(capsys, "--resume", out)
     assert rc == 1 and one_line(err) and "MiB free" in err and "last.pt" in err, err
     assert files() == before
@@ -206,7 +206,7 @@ def test_an_interrupt_while_a_write_fails_stays_an_interrupt(tmp_path):
         except OSError:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        dynat.write_atomic(str(tmp_path / "last.pt"), write)
+        dynat_runs.write_atomic(str(tmp_path / "last.pt"), write)
     assert not list(tmp_path.iterdir())
 
 
@@ -225,7 +225,7 @@ def test_a_full_disk_while_drawing_the_curves_keeps_the_previous_picture(tmp_pat
     rc, _, err = train(capsys, *RUN, "--out-dir", out)
     assert rc == 1 and one_line(err) and f"{out / 'curves.png'}: No space left on device" in err, err
     assert (out / "curves.png").read_bytes() == pictures[1] and not list(out.glob("*.tmp*"))
-    assert models.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert dynat_runs.load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------- out-dirs and data that cannot be used
@@ -271,4 +271,4 @@ def test_a_second_sigterm_stops_at_once_with_sigterms_exit_code(tmp_path, capsys
     at_step(monkeypatch, 3, twice)  # in epoch 2: epoch 1's last.pt is the last saved state
     rc, _, err = train(capsys, *RUN, "--out-dir", out)
     assert rc == 128 + signal.SIGTERM and one_line(err) and "second signal" in err, err
-    assert models.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert dynat_runs.load_checkpoint(out / "last.pt")["epoch"] == 1

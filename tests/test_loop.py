@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import dynat
+import dynat_runs
 from test_scripts import make_imagefolder
 
 TINY = ["--target", "wrn-10-1", "--guide", "wrn-10-1", "--num-steps", "1", "--eval-pgd-n", "8", "--workers", "0",
@@ -72,8 +73,7 @@ def counting_host_reads(monkeypatch):
     steps = spy_steps(monkeypatch)
     monkeypatch.setattr(dynat, "train_step", switch(dynat.train_step, True))
     monkeypatch.setattr(dynat, "evaluate_epoch", switch(dynat.evaluate_epoch, False))
-    ours = dynat.sibling("models")
-    monkeypatch.setattr(ours, "check_replicas", switch(ours.check_replicas, False))
+    monkeypatch.setattr(dynat, "check_replicas", switch(dynat.check_replicas, False))
     try:
         for name in HOST_READS:
             setattr(torch.Tensor, name, counted(name))
@@ -163,7 +163,7 @@ def test_guide_warmup_trains_the_guide_alone_then_algorithm_1(tmp_path, monkeypa
     guide_only = [c["guide_only"] for c in calls]
     assert guide_only == [True] * 5 + [False] * 15  # epoch 1 is the guide's, then 3 epochs of Algorithm 1
     torch.manual_seed(0)  # dynat.py's initial weights: --seed 0, target built first
-    initial = dynat.sibling("models").build_model("wrn-10-1", 10).state_dict()
+    initial = dynat.models.build_model("wrn-10-1", 10).state_dict()
     for target_state, _, has_momentum in snapshots[:5]:
         assert all(torch.equal(v, initial[k]) for k, v in target_state.items()) and not has_momentum
     assert not all(torch.equal(v, snapshots[0][1][k]) for k, v in snapshots[4][1].items())  # the guide learned
@@ -236,7 +236,7 @@ def test_ema_averages_the_targets_weights_leaves_its_training_alone_and_is_evalu
     decays = [d for _, d in states]
     assert decays[:5] == [None] * 5 and decays[5:] == [min(0.9, (1 + t) / (10 + t)) for t in range(10)]
     torch.manual_seed(0)
-    average = {k: v.clone() for k, v in dynat.sibling("models").build_model("wrn-10-1", 10).state_dict().items()}
+    average = {k: v.clone() for k, v in dynat.models.build_model("wrn-10-1", 10).state_dict().items()}
     for state, d in states[5:]:  # the recurrence by hand, in the order of the steps
         for k, v in state.items():
             average[k] = d * average[k] + (1 - d) * v if "running" not in k and "num_batches" not in k else v
@@ -263,7 +263,7 @@ class ChannelGuide(nn.Module):
 
 
 def run_with_guide(tmp_path, monkeypatch, capsys, dead_target, extra=()):
-    ours = dynat.sibling("models")
+    ours = dynat.models
     real = ours.build_model
 
     def build(name, classes):
@@ -326,7 +326,7 @@ def test_resume_refuses_flags_that_would_change_the_run(tmp_path, capsys):
     assert "already finished its 1 epoch: nothing to do" in capsys.readouterr().out
     # what a resume may change is taken from the command line; the rest from the run
     argv = ["--resume", str(out), "--eval-every", "3", "--data-dir", "/elsewhere"]
-    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), argv)
+    resumed, _ = dynat_runs.resolve_resume(dynat.get_parser().parse_args(argv), argv, dynat.get_parser)
     assert resumed.eval_every == 3 and resumed.data_dir == "/elsewhere" and resumed.dataset == "synthetic"
     assert resumed.batch_size == 16 and resumed.epochs == 1
 
@@ -340,10 +340,10 @@ def test_a_resume_keeps_the_runs_device_and_precision_unless_told(tmp_path):
     with open(out / "args.json") as f:
         assert json.load(f)["amp"] == "none"  # auto, on a CPU
     argv = ["--resume", str(out)]
-    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), argv)
+    resumed, _ = dynat_runs.resolve_resume(dynat.get_parser().parse_args(argv), argv, dynat.get_parser)
     assert (resumed.device, resumed.workers, resumed.amp) == ("cpu", 0, "none")
     argv += ["--device", "cuda", "--workers", "3"]
-    resumed, _ = dynat.resolve_resume(dynat.get_parser().parse_args(argv), argv)
+    resumed, _ = dynat_runs.resolve_resume(dynat.get_parser().parse_args(argv), argv, dynat.get_parser)
     assert (resumed.device, resumed.workers, resumed.amp) == ("cuda", 3, "none")
 
 
@@ -375,7 +375,7 @@ def test_mnist_format_files_train_one_step(tmp_path, dataset, folder):
     for split, n in (("train", 40), ("t10k", 20)):
         write_idx(raw / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    data = dynat.sibling("data").load_data(dataset, str(tmp_path))
+    data = dynat.data.load_data(dataset, str(tmp_path))
     x, y = data["train"]
     assert x.shape == (40, 3, 28, 28) and x.dtype == torch.uint8 and data["classes"] == 10
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # grey as 3 channels
@@ -399,7 +399,7 @@ def test_missing_mnist_files_say_what_to_put_where(tmp_path, monkeypatch, capsys
 
 def test_corrupt_cifar_archive_is_named_as_corrupt(tmp_path, monkeypatch):
     import torchvision
-    data = dynat.sibling("data")
+    data = dynat.data
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"half a download")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", lambda self: pytest.fail("must not download"))
     with pytest.raises(ValueError) as e:

@@ -180,8 +180,9 @@ def pasted_and_full(tmp_path_factory):
     assert imports and all(line.split()[1].split(".")[0] in ("torch", *stdlib) for line in imports)
     pasted = their_project(tmp_path / "theirs")
     (pasted / "pasted.py").write_text(block)  # the block's text, nothing else
-    full = their_project(tmp_path / "full")
-    (full / "dynat.py").write_text(open(os.path.join(ROOT, "dynat.py")).read())
+    full = their_project(tmp_path / "full")  # dynat.py and the files it imports; their `from models import` after it
+    for name in ("dynat.py", "dynat_runs.py", "models.py", "data.py"):
+        (full / name).write_text(open(os.path.join(ROOT, name)).read())
     return run_driver(pasted, "pasted", tmp_path / "pasted.pt"), run_driver(full, "dynat", tmp_path / "full.pt")
 
 
@@ -217,16 +218,19 @@ def test_pasted_dynat_loss_refuses_a_model_in_eval_mode(pasted_and_full):
         assert outcome.startswith(f"{who} is in eval mode"), (who, outcome)
 
 
-def test_dynat_py_copied_alone_into_another_project_trains_its_networks(tmp_path):
-    """`from dynat import dynat_loss` in a project with its own `models` package: importing dynat imports no
-    `models` (neither theirs nor ours), and a training step of that project's networks moves their weights."""
+def test_dynat_py_copied_into_another_project_leaves_its_models_theirs(tmp_path):
+    """`from dynat import dynat_loss` in a project with its own `models` package, our four files copied beside it:
+    importing dynat leaves no `models` behind (ours is held under another name), their `from models import`
+    after it finds theirs, and a training step of that project's networks moves their weights."""
     project = their_project(tmp_path)
-    (project / "dynat.py").write_text(open(os.path.join(ROOT, "dynat.py")).read())
+    for name in ("dynat.py", "dynat_runs.py", "models.py", "data.py"):
+        (project / name).write_text(open(os.path.join(ROOT, name)).read())
     script = textwrap.dedent('''
-        import sys, torch
+        import os, sys, torch
         from dynat import Config, dynat_loss
-        assert "models" not in sys.modules and not any(name.startswith("dynat_") for name in sys.modules)
+        assert "models" not in sys.modules and "data" not in sys.modules
         from models import Net
+        assert sys.modules["models"].__file__ == os.path.abspath(os.path.join("models", "__init__.py"))
         torch.manual_seed(0)
         target, guide = Net(), Net()
         optimizer = torch.optim.SGD([*target.parameters(), *guide.parameters()], lr=0.1)
@@ -250,7 +254,7 @@ def test_the_scripts_copied_into_another_project_train_our_networks_there(tmp_pa
     would find first) and run from there: our networks are built, theirs never are."""
     from test_scripts import TINY, make_imagefolder
     project = their_project(tmp_path / "theirs")
-    for name in ("dynat.py", "models.py", "data.py"):
+    for name in ("dynat.py", "dynat_runs.py", "models.py", "data.py"):
         (project / name).write_text(open(os.path.join(ROOT, name)).read())
     folder = make_imagefolder(tmp_path / "images", train_per_class=8, test_per_class=4)
     r = subprocess.run([sys.executable, "dynat.py", "--dataset", "imagefolder", "--data-dir", folder, "--epochs", "1",

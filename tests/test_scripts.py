@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dynat_runs
 import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -309,9 +310,9 @@ def test_two_processes_keep_replicas_identical_and_resume(folder, tmp_path, two_
     full, cut = two_process_run, tmp_path / "cut"
     r = torchrun(train_args(folder, cut, "--epochs", "1", *TWO[2:]), capture_output=True, timeout=300)  # 1 epoch
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = models.load_checkpoint(cut / "last.pt")
+    ckpt = dynat_runs.load_checkpoint(cut / "last.pt")
     ckpt["args"]["epochs"] = 3  # ... then continue it as the 3-epoch run under torchrun
-    torch.save(models.seal(ckpt), cut / "last.pt")  # its SHA-256 written anew
+    torch.save(dynat_runs.seal(ckpt), cut / "last.pt")  # its SHA-256 written anew
     r = torchrun(["--resume", str(cut)], capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in r.stdout

@@ -47,6 +47,11 @@ from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: dynat.py
 import dynat  # noqa: E402
+import dynat_runs as runs  # noqa: E402
+
+with runs.ours("models", "data"):
+    import data  # noqa: E402
+    import models  # noqa: E402
 
 PRECISIONS = ("none", "bf16", "fp16")
 # Dense (no sparsity) datasheet peaks in TFLOP/s: (fp32, tf32, bf16, fp16), matched by substrings of
@@ -72,28 +77,25 @@ def precision_list(text):
 
 
 def get_parser():
+    """bench.py's flags; a setting it shares with dynat.py is that one's definition (Config's field, or
+    dynat_runs.FLAGS's entry), with this benchmark's default where it differs."""
     p = argparse.ArgumentParser(description="Time DYNAT training steps against their pass-count floor and the release's pattern.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--target", default="wrn-34-10", help="target model f_t (resnet18 or wrn-D-K); wrn-16-4 for a CPU run")
-    a("--guide", default="resnet18", help="guide model f_g (same choices); wrn-16-2 for a CPU run")
-    a("--batch-size", type=int, default=128, help="batch size m")
-    a("--num-steps", type=int, default=10, help="attack steps K")
-    a("--inner", action="store_true", help="DYNAT's CE attack on the dynamic labels (Eq. 7) instead of the KL attack")
-    a("--awp", action="store_true", help="adversarial weight perturbation on the target (one extra target pass)")
-    a("--alpha", type=float, default=0.0, help="TRADES weight alpha (> 0 adds a clean target forward+backward)")
-    a("--ema", type=float, default=0.0, metavar="DECAY", help="dynat.py's --ema: the step averages the target's weights")
+    g = p.add_argument_group("the step timed (dynat.py's flags)")
+    runs.add_flags(g, "target", "guide", "batch_size", "ema", "channels_last", "device",
+                   target=dict(help="target model f_t (resnet18 or wrn-D-K); wrn-16-4 for a CPU run"),
+                   guide=dict(help="guide model f_g (same choices); wrn-16-2 for a CPU run"),
+                   batch_size=dict(help="batch size m"))
+    for name in ("num_steps", "inner", "awp", "alpha", "clean_bn"):
+        dynat.config_flag(g, name)
+    g = p.add_argument_group("the benchmark")
+    a = g.add_argument
     a("--amp", type=precision_list, default=["bf16"],
       help="autocast precision(s) of our step: none, bf16, fp16 or a comma list (none,bf16) timed in one run")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-      help="channels_last for our step and the floor (dynat.py's default)")
-    a("--clean-bn", action=argparse.BooleanOptionalAction, default=True,
-      help="dynat.py's --clean-bn: the release's clean target forward for the BatchNorm statistics")
     a("--compile", action="store_true",
       help="also time compiled copies of the models (torch.compile) as '+compile' rows beside the eager ones")
     a("--steps", type=int, default=10, help="timed steps; the median is reported")
     a("--warmup", type=int, default=3, help="untimed steps before timing (cuDNN autotuning, compilation, allocator)")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -196,7 +198,6 @@ def count_flops(fn):
 
 def batch_fn(device, batch_size, channels_last):
     """Augmented batches of synthetic uint8 images, through the training loop's own data path."""
-    data = dynat.sibling("data")
     images, labels = (t.to(device) for t in data.load_data("synthetic", None)["train"])
 
     def next_batch():
@@ -280,7 +281,7 @@ def floor_pieces(target, guide, next_batch, settings, amp, device, ema=None):
     leaves both models in train mode with their weights requiring grad, as our step expects."""
     x, y = next_batch()
     x_adv = (x + settings.epsilon * torch.randn_like(x).sign()).clamp(0, 1)
-    alpha, ctx = settings.alpha, lambda: dynat.autocast(device, amp)
+    alpha, ctx = settings.alpha, lambda: runs.autocast(device, amp)
 
     @contextlib.contextmanager
     def attack_ctx():  # never fp16, as perturb
@@ -352,7 +353,7 @@ def build(args, device):
     settings = dynat.Config(num_steps=args.num_steps, alpha=args.alpha, inner=args.inner, awp=args.awp,
                             clean_bn=args.clean_bn)
     torch.manual_seed(0)
-    build = dynat.sibling("models").build_model
+    build = models.build_model
     target, guide = build(args.target, 10).to(device), build(args.guide, 10).to(device)
     fns = {("literal", "fp32"): literal_step_fn(target, guide, batch_fn(device, args.batch_size, False),
                                                 settings, dyn_args.lr)}
@@ -371,7 +372,7 @@ def build(args, device):
         ema = (copy.deepcopy(t).requires_grad_(False), args.ema) if args.ema else None
         for precision in args.amp:
             name = ("fp32" if precision == "none" else precision) + suffix
-            amps[name] = dynat.amp_dtype(precision, device)
+            amps[name] = runs.amp_dtype(precision, device)
             scaler = torch.amp.GradScaler(device.type, enabled=amps[name] == torch.float16)
             fns[("ours", name)] = our_step_fn(t, g, optimizer, scaler, next_batch, settings, amps[name], ema)
             if not suffix:
@@ -411,11 +412,11 @@ def row_of(kind, name, times, median, pieces, amps, flops, device, fns, batch_si
 def run(args):
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
-            raise dynat.UsageError(f"--{name.replace('_', '-')} must be >= 1")
+            raise runs.UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_steps < 0 or args.warmup < 0 or args.alpha < 0 or not 0 <= args.ema < 1:
-        raise dynat.UsageError("--num-steps, --warmup and --alpha must be >= 0, --ema in [0, 1)")
-    _, _, device = dynat.init_processes(args.device)
-    dynat.configure_backends(deterministic=False)  # as dynat.py: cuDNN autotuning, TF32 for fp32
+        raise runs.UsageError("--num-steps, --warmup and --alpha must be >= 0, --ema in [0, 1)")
+    _, _, device = runs.init_processes(args.device)
+    runs.configure_backends(deterministic=False)  # as dynat.py: cuDNN autotuning, TF32 for fp32
     fns, pieces, amps, flops = build(args, device)
     load_before = os.getloadavg()[0]
     times = time_round_robin(fns, device, args.steps, args.warmup)
@@ -429,7 +430,7 @@ def run(args):
                        "clean_bn": args.clean_bn, "ema": args.ema, "channels_last": args.channels_last,
                        "compile": args.compile,
                        "steps": args.steps, "warmup": args.warmup},
-            "env": {"device": str(device), **dynat.provenance(),
+            "env": {"device": str(device), **runs.provenance(),
                     "device_name": torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads",
                     "timer": "cuda events" if cuda else "time.perf_counter",
                     "peak_memory": "torch.cuda.max_memory_allocated of one step above what was allocated before it" if cuda
@@ -491,7 +492,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
         result = run(args)
-    except dynat.UsageError as e:
+    except runs.UsageError as e:
         print(f"tools/bench.py: error: {e}", file=sys.stderr)
         return 2
     if args.json:
