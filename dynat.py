@@ -13,9 +13,8 @@ functions of their own after dynat_loss in the same block, sharing its attack, A
 
 Headline row (Table 2, CIFAR-100, DYNAT-Inner-AWP alpha=1, beta=0.2):
   python dynat.py --dataset cifar100 --inner --awp --alpha 1 --beta 0.2
-Last measured result: none of the paper's rows (CIFAR, 100 epochs) has been run with this code yet.
-On real images, on a CPU: DYNAT-Inner, 5,000 Fashion-MNIST images, WRN-16-2 / WRN-10-1, 4 epochs,
-seed 0: 65.8 % clean, 59.6 % PGD-20 (docs/training-dynamics.md).
+Last measured result: none of the paper's rows (CIFAR, 100 epochs) has been run with this code yet; on real
+images on a CPU, the README's Fashion-MNIST run and docs/fashion-mnist-regime.md.
 
 Reading order: the flags; THE ALGORITHM (a torch-only block to paste whole); the training program around it.
 What a run needs that is not the algorithm (files, checkpoints, resume, processes, curves) is dynat_runs.py's.
@@ -37,16 +36,22 @@ import time
 import torch
 import torch.distributed as dist
 
-from dynat_runs import (NOT_EVALUATED, STEP_STATS, STOP_SIGNALS, UsageError, add_flags, add_step, amp_dtype, autocast,
-                        average_replicas, check_out_dir, check_replicas, checked, configure_backends, epoch_batches,
-                        epoch_row, evaluate_epoch, exit_code, fmt_fraction, fraction, init_processes, load_weights,
-                        metrics_before, ours, own_out_dir, plot_curves, progress_bar, provenance, require,
-                        resolve_resume, save_checkpoint, step_seed, stop_signals, synchronise_batchnorm,
-                        torchrun_notes, update_ema, write_atomic)
-
-with ours("models", "data"):
-    import data  # noqa: E402  (ours: models.py and data.py beside this file, even beside a research repo's models/)
-    import models  # noqa: E402
+try:  # the training program's; dynat.py copied alone into a project still serves the block (from dynat import ...)
+    from dynat_runs import (NOT_EVALUATED, STEP_STATS, STOP_SIGNALS, UsageError, add_flags, add_step, amp_dtype,
+                            autocast, average_replicas, check_out_dir, check_replicas, checked, configure_backends,
+                            epoch_batches, epoch_row, evaluate_epoch, exit_code, fmt_fraction, fraction,
+                            init_processes, load_weights, metrics_before, ours, own_out_dir, plot_curves,
+                            progress_bar, provenance, require, resolve_resume, save_checkpoint, step_seed,
+                            stop_signals, synchronise_batchnorm, torchrun_notes, update_ema, write_atomic)
+except ModuleNotFoundError as e:
+    if e.name != "dynat_runs":
+        raise
+    alone = True
+else:
+    alone = False
+    with ours("models", "data"):
+        import data  # noqa: E402  (ours: models.py and data.py beside this file, even beside a research repo's models/)
+        import models  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -70,7 +75,7 @@ def config_help():
 
 def config_flag(group, name, **kw):
     """Config's field `name` as --name: its default, and its comment as the help (`kw` changes either, for a
-    script that uses the setting otherwise: evaluate.py's --epsilon, tools/bench.py's --inner)."""
+    script that uses the setting otherwise: evaluate.py's --epsilon, tools/bench.py's --awp)."""
     default = {f.name: f.default for f in dataclasses.fields(Config)}[name]
     if isinstance(default, bool):
         kw.setdefault("action", argparse.BooleanOptionalAction if default else "store_true")
@@ -82,14 +87,6 @@ def config_flag(group, name, **kw):
     group.add_argument("--" + name.replace("_", "-"), **{"default": default, **kw})
 
 
-CLI_FLAG = {  # how the command line takes a field otherwise than config_flag would. The radius and step depend on
-    # --norm: "%(default).0s" keeps argparse from appending "(default: None)"
-    "epsilon": dict(type=fraction, help="radius of the ball: 8/255 (L-inf; the paper writes 0.031), 128/255 (L2)"
-                    "%(default).0s"),
-    "step_size": dict(type=fraction, help="PGD step size: 2/255 (L-inf), 15/255 (L2)%(default).0s"),
-    "iseat": dict(metavar="LAMBDA")}
-
-
 def get_parser():
     """The flags, grouped, the headline command's first: each setting of the algorithm is Config's field (its default
     and comment, config_flag), each of the program's is dynat_runs.FLAGS's entry."""
@@ -98,6 +95,12 @@ def get_parser():
               "                [--beta B] [--out-dir DIR] [--resume [DIR]] [options]   (all: --help)",
         description="DYNAT: dynamic-label adversarial training (Algorithm 1). Defaults are the paper's setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli = {  # how the command line takes a field otherwise than config_flag would. The radius and step depend on
+        # --norm: "%(default).0s" keeps argparse from appending "(default: None)"
+        "epsilon": dict(type=fraction, help="radius of the ball: 8/255 (L-inf; the paper writes 0.031), 128/255 (L2)"
+                        "%(default).0s"),
+        "step_size": dict(type=fraction, help="PGD step size: 2/255 (L-inf), 15/255 (L2)%(default).0s"),
+        "iseat": dict(metavar="LAMBDA")}
     groups = (  # (title, the flags in order: a Config field, or a dynat_runs.FLAGS entry)
         ("data, models and the headline command", "dataset data_dir target guide epochs inner awp alpha beta out_dir "
          "resume"),
@@ -116,10 +119,10 @@ def get_parser():
         g = p.add_argument_group(title)
         for name in names.split():
             if name in fields:
-                config_flag(g, name, **CLI_FLAG.get(name, {}))
+                config_flag(g, name, **cli.get(name, {}))
             else:
                 add_flags(g, name)
-    assert fields <= set(vars(p.parse_args([]))), "a Config field without its flag"
+    assert fields <= {a.dest for a in p._actions}, "a Config field without its flag"
     return p
 
 
@@ -664,7 +667,7 @@ def collapse_warning(row, classes, first_target_epoch, steps_per_epoch, guide_wa
 
 def run_title(args):
     """The run in one line: data, models, and each setting that differs from the paper's, as its flag
-    (epsilon and step as the paper writes them: 8/255)."""
+    (epsilon and step as the paper writes them: 8/255); a second line says synthetic data means nothing."""
     cfg, paper, changed = config_of(args), Config(norm=args.norm), []
     for f in dataclasses.fields(Config):
         v, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
@@ -879,6 +882,9 @@ def start(argv):
 
 
 def main(argv=None):
+    if alone:
+        print("dynat.py: error: training needs dynat_runs.py, models.py and data.py beside dynat.py", file=sys.stderr)
+        return 2
     try:
         return exit_code("dynat.py", lambda: start(sys.argv[1:] if argv is None else argv),
                          interrupted="stopped at once by a second signal; last.pt holds the last saved state")

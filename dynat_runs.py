@@ -1,9 +1,11 @@
 """What a run of dynat.py or evaluate.py needs around the algorithm, in one place for both (and tools/):
-one-line errors, the flags the scripts share, precision and processes (torchrun), out-dirs held by one
-process and written atomically, sealed checkpoints, resume, and the curves of a run.
+one-line errors, the flags the scripts share, precision, processes (torchrun) and averaged weights, out-dirs
+held by one process and written atomically, sealed checkpoints, the run's order and resume, and an epoch's
+figures (the training sums, the evaluation, metrics.jsonl, the curves).
 
-Nothing of DYNAT is here: the algorithm is dynat.py's block. `ours` imports our models.py and data.py by
-their plain names even beside a research repo's own `models/` package, which would otherwise come first.
+The algorithm is not here: it is dynat.py's block (its Config holds the algorithm's settings; FLAGS here, the
+program's). `ours` imports our models.py and data.py by their plain names even beside a research repo's own
+`models/` package, which would otherwise come first.
 """
 import argparse
 import contextlib
@@ -198,7 +200,7 @@ def require(args, names, ok, what):
             raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {v:g}")
 
 
-# ----------------------------------------------------------------------------- precision and processes
+# ----------------------------------------------------------------------------- precision, processes, averaged weights
 
 def amp_dtype(amp, device):
     """Autocast dtype of --amp (None: float32); auto is bf16 only on a GPU that runs it natively (Ampere+)."""
@@ -246,13 +248,15 @@ def torchrun_notes(resume_auto):
                   file=sys.stderr, flush=True)
 
 
-def configure_backends(deterministic):
-    """--deterministic: deterministic kernels (bitwise repeatable on a CPU); else cuDNN autotunes (fixed shapes).
-    float32 means float32: no TF32 (torch's default runs cuDNN convolutions in TF32 on Ampere and newer)."""
+def configure_backends(deterministic, warn_only=False):
+    """deterministic (dynat.py --deterministic; evaluate.py always, so that a resumed evaluation gives an
+    uninterrupted one's numbers): deterministic kernels, bitwise repeatable on a CPU; warn_only: an op without a
+    deterministic implementation warns instead of failing. Else cuDNN autotunes (fixed shapes). float32 means
+    float32: no TF32 (torch's default runs cuDNN convolutions in TF32 on Ampere and newer)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not deterministic
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not deterministic, deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
@@ -578,7 +582,7 @@ def save_checkpoint(path, ckpt):
     write_atomic(path, lambda f: torch.save(sealed, f))
 
 
-# ----------------------------------------------------------------------------- resume
+# ----------------------------------------------------------------------------- the run's order, and resume
 
 def epoch_batches(n, batch_size, seed, epoch, world=1, device="cpu", limit=None):
     """The epoch's shuffled index batches, a pure function of (seed, epoch): a resume sees the same order.
@@ -612,8 +616,9 @@ def resolve_resume(args, argv, get_parser):
     --out-dir as --resume DIR would, every flag counting as written (the command must be the run's own); or, where
     --out-dir holds no run, a new one (an out-dir holding anything else is refused as without --resume)."""
     auto = args.resume == "auto"
-    if not args.resume or auto and not any(os.path.isfile(os.path.join(args.out_dir, n))
-                                           for n in ("last.pt", "args.json")):
+    if not args.resume:
+        return args, None
+    if auto and not any(os.path.isfile(os.path.join(args.out_dir, n)) for n in ("last.pt", "args.json")):
         args.resume = None
         return args, None
     run_dir, defaults, parser = args.out_dir if auto else args.resume, vars(get_parser().parse_args([])), get_parser()
@@ -725,7 +730,7 @@ def robust_mask(model, x, y, attack, *, clean=None, restarts=1, progress=None, *
 def evaluate_epoch(nets, sets, args, epoch, device, amp, fixed_shape, pgd):
     """Per-epoch figures (rank 0, the run's precision): each model's clean test accuracy and how many classes
     it predicts (1 = dead); the target's (and its EMA's) PGD-10 on the validation split if any, else on
-    --eval-pgd-n test images, in the run's threat model (pgd: dynat.pgd, the block's attack)."""
+    --eval-pgd-n test images, in the run's threat model (pgd: dynat.pgd, the block's perturb as classify's attack)."""
     (x_test, y_test), val = sets["test"], sets["val"]
     limit = args.batch_size if args.dry_run else len(y_test)
     common = dict(device=device, batch_size=max(args.batch_size, 256), channels_last=args.channels_last,

@@ -72,7 +72,7 @@ def get_parser():
     a("--dry-run", action="store_true", help="smoke tests: PGD/C&W of one step, AutoAttack's stages of one iteration, "
       "one target class and 10 Square queries (the numbers mean nothing)")
 
-    g = p.add_argument_group("threat model (unset: the checkpoint's)")
+    g = p.add_argument_group("threat model (norm, radius and step unset: the checkpoint's) and attacks")
     # the radius and step depend on --norm: "%(default).0s" keeps argparse from appending "(default: None)"
     dynat.config_flag(g, "norm", default=None, help="threat model (unset: the checkpoint's, else linf)")
     dynat.config_flag(g, "epsilon", default=None, type=runs.fraction,
@@ -378,16 +378,6 @@ def provenance():
     return {"commit": versions.pop("commit"), "versions": {**versions, "pyautoattack": pyautoattack.__version__}}
 
 
-def configure_backends():
-    """float32 means float32 (cuDNN's default TF32 keeps 10 mantissa bits), and deterministic kernels,
-    so that --resume gives the numbers of an uninterrupted run on a GPU too; ops without a
-    deterministic implementation warn instead of failing."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def run(args, stack):
     log = lambda *a: print(*a, flush=True)
     runs.require(args, ("n", "restarts", "batch_size"), lambda v: v >= 1, ">= 1")
@@ -398,7 +388,7 @@ def run(args, stack):
     attacks = parse_attacks(args.attacks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise runs.UsageError("evaluate.py runs in one process: start it with python, not torchrun")
-    configure_backends()
+    runs.configure_backends(deterministic=True, warn_only=True)
     _, _, device = runs.init_processes(args.device)
     amp = runs.amp_dtype(args.amp, device)
     model, arch, dataset, classes, x_test, y_test, trained_norm = load_model(args, device, log)

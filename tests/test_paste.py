@@ -218,6 +218,39 @@ def test_pasted_dynat_loss_refuses_a_model_in_eval_mode(pasted_and_full):
         assert outcome.startswith(f"{who} is in eval mode"), (who, outcome)
 
 
+def test_dynat_py_copied_alone_into_another_project_trains_its_networks(tmp_path):
+    """`from dynat import dynat_loss` in a project with its own `models` package: importing dynat imports no
+    `models` (neither theirs nor ours), and a training step of that project's networks moves their weights."""
+    project = their_project(tmp_path)
+    (project / "dynat.py").write_text(open(os.path.join(ROOT, "dynat.py")).read())
+    script = textwrap.dedent('''
+        import sys, torch
+        from dynat import Config, dynat_loss
+        assert "models" not in sys.modules and not any(name.startswith("dynat_") for name in sys.modules)
+        from models import Net
+        torch.manual_seed(0)
+        target, guide = Net(), Net()
+        optimizer = torch.optim.SGD([*target.parameters(), *guide.parameters()], lr=0.1)
+        before = [p.detach().clone() for p in target.parameters()]
+        x, y = torch.rand(16, 3, 12, 12), torch.randint(0, 10, (16,))
+        loss, stats = dynat_loss(target, guide, x, y, Config(inner=True, awp=True))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and all(not torch.equal(a, b) for a, b in zip(before, target.parameters()))
+        print("trained", sorted(stats))
+    ''')
+    r = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trained ['dyn_correct', 'loss_guide', 'loss_target']" in r.stdout
+    # training needs the other three files, and says so
+    r = subprocess.run([sys.executable, "dynat.py", "--epochs", "1"], cwd=project, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == ("dynat.py: error: training needs dynat_runs.py, models.py and "
+                                                      "data.py beside dynat.py")
+
+
 def test_dynat_py_copied_into_another_project_leaves_its_models_theirs(tmp_path):
     """`from dynat import dynat_loss` in a project with its own `models` package, our four files copied beside it:
     importing dynat leaves no `models` behind (ours is held under another name), their `from models import`

@@ -85,9 +85,12 @@ def get_parser():
     runs.add_flags(g, "target", "guide", "batch_size", "ema", "channels_last", "device",
                    target=dict(help="target model f_t (resnet18 or wrn-D-K); wrn-16-4 for a CPU run"),
                    guide=dict(help="guide model f_g (same choices); wrn-16-2 for a CPU run"),
-                   batch_size=dict(help="batch size m"))
+                   batch_size=dict(help="batch size m"),
+                   ema=dict(help="dynat.py's --ema: the step also moves the average of the target's weights"),
+                   channels_last=dict(help="channels_last for our step and the floor"))
+    cost = {"awp": " (one extra target pass)", "alpha": " (> 0: a clean target forward and backward more)"}
     for name in ("num_steps", "inner", "awp", "alpha", "clean_bn"):
-        dynat.config_flag(g, name)
+        dynat.config_flag(g, name, help=dynat.config_help()[name] + cost.get(name, ""))
     g = p.add_argument_group("the benchmark")
     a = g.add_argument
     a("--amp", type=precision_list, default=["bf16"],
@@ -333,7 +336,7 @@ def floor_pieces(target, guide, next_batch, settings, amp, device, ema=None):
     pieces["guide fwd+bwd"] = (guide_fwd_bwd, 1)
 
     if ema is not None:  # --ema: not a pass of the algorithm, the update that follows the step
-        pieces["target EMA update"] = (lambda: dynat.update_ema(ema[0], target, ema[1]), 1)
+        pieces["target EMA update"] = (lambda: runs.update_ema(ema[0], target, ema[1]), 1)
 
     if settings.awp:
         weights = [p for p in target.parameters() if p.ndim > 1]
