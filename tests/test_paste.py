@@ -218,50 +218,25 @@ def test_pasted_dynat_loss_refuses_a_model_in_eval_mode(pasted_and_full):
         assert outcome.startswith(f"{who} is in eval mode"), (who, outcome)
 
 
-def test_dynat_py_copied_alone_into_another_project_trains_its_networks(tmp_path):
-    """`from dynat import dynat_loss` in a project with its own `models` package: importing dynat imports no
-    `models` (neither theirs nor ours), and a training step of that project's networks moves their weights."""
-    project = their_project(tmp_path)
-    (project / "dynat.py").write_text(open(os.path.join(ROOT, "dynat.py")).read())
-    script = textwrap.dedent('''
-        import sys, torch
-        from dynat import Config, dynat_loss
-        assert "models" not in sys.modules and not any(name.startswith("dynat_") for name in sys.modules)
-        from models import Net
-        torch.manual_seed(0)
-        target, guide = Net(), Net()
-        optimizer = torch.optim.SGD([*target.parameters(), *guide.parameters()], lr=0.1)
-        before = [p.detach().clone() for p in target.parameters()]
-        x, y = torch.rand(16, 3, 12, 12), torch.randint(0, 10, (16,))
-        loss, stats = dynat_loss(target, guide, x, y, Config(inner=True, awp=True))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        assert torch.isfinite(loss) and all(not torch.equal(a, b) for a, b in zip(before, target.parameters()))
-        print("trained", sorted(stats))
-    ''')
-    r = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "trained ['dyn_correct', 'loss_guide', 'loss_target']" in r.stdout
-    # training needs the other three files, and says so
-    r = subprocess.run([sys.executable, "dynat.py", "--epochs", "1"], cwd=project, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == ("dynat.py: error: training needs dynat_runs.py, models.py and "
-                                                      "data.py beside dynat.py")
+IMPORTED = {  # our files copied into their project -> what importing dynat must leave in sys.modules
+    ("dynat.py",): 'assert "models" not in sys.modules and not any(n.startswith("dynat_") for n in sys.modules)',
+    ("dynat.py", "dynat_runs.py", "models.py", "data.py"): 'assert "models" not in sys.modules and "data" not in '
+                                                            'sys.modules'}
 
 
-def test_dynat_py_copied_into_another_project_leaves_its_models_theirs(tmp_path):
-    """`from dynat import dynat_loss` in a project with its own `models` package, our four files copied beside it:
-    importing dynat leaves no `models` behind (ours is held under another name), their `from models import`
-    after it finds theirs, and a training step of that project's networks moves their weights."""
+@pytest.mark.parametrize("files", list(IMPORTED), ids=["dynat.py alone", "with the files it imports"])
+def test_dynat_py_copied_into_another_project_trains_its_networks(tmp_path, files):
+    """`from dynat import dynat_loss` in a project with its own `models` package. Copied alone, importing dynat
+    imports no `models` (neither theirs nor ours) and training says which files it needs; with the files it
+    imports, ours is held under another name and leaves no `models` behind. Either way their `from models import`
+    then finds theirs, and a training step of their networks moves their weights."""
     project = their_project(tmp_path)
-    for name in ("dynat.py", "dynat_runs.py", "models.py", "data.py"):
+    for name in files:
         (project / name).write_text(open(os.path.join(ROOT, name)).read())
     script = textwrap.dedent('''
         import os, sys, torch
         from dynat import Config, dynat_loss
-        assert "models" not in sys.modules and "data" not in sys.modules
+        {imported}
         from models import Net
         assert sys.modules["models"].__file__ == os.path.abspath(os.path.join("models", "__init__.py"))
         torch.manual_seed(0)
@@ -275,11 +250,16 @@ def test_dynat_py_copied_into_another_project_leaves_its_models_theirs(tmp_path)
         optimizer.step()
         assert torch.isfinite(loss) and all(not torch.equal(a, b) for a, b in zip(before, target.parameters()))
         print("trained", sorted(stats))
-    ''')
+    ''').format(imported=IMPORTED[files])
     r = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained ['dyn_correct', 'loss_guide', 'loss_target']" in r.stdout
+    if files == ("dynat.py",):  # training needs the other three files, and says so
+        r = subprocess.run([sys.executable, "dynat.py", "--epochs", "1"], cwd=project, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip() == ("dynat.py: error: training needs dynat_runs.py, models.py "
+                                                          "and data.py beside dynat.py")
 
 
 def test_the_scripts_copied_into_another_project_train_our_networks_there(tmp_path):
