@@ -636,8 +636,11 @@ def resolve_resume(args, argv, get_parser):
             raise UsageError(f"{last}: not a dynat.py training checkpoint (no {', '.join(sorted(missing))})")
         stored = ckpt["args"]
     elif os.path.isfile(saved):  # interrupted before the first checkpoint: start it again
-        with open(saved) as f:
-            stored = json.load(f)
+        try:
+            with open(saved) as f:
+                stored = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{saved}: not the JSON dynat.py writes ({e}): nothing to resume from") from None
     else:
         raise UsageError(f"--resume {run_dir}: neither last.pt nor args.json there; nothing to resume")
     old = lambda name: stored.get(name, defaults.get(name))

@@ -137,6 +137,16 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_by_resume_and_evaluate(tmp_
         assert rc == 2 and one_line(err) and f"{out / name}: corrupt" in err, err
 
 
+def test_a_torn_args_json_before_the_first_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """A run killed before its first last.pt leaves args.json; bytes that are not its JSON are refused by name."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_bytes(b'{"epochs": 1, "see')
+    for argv in (["--resume", str(out)], [*RUN, "--resume", "--out-dir", str(out)]):
+        rc, _, err = train(capsys, *argv)
+        assert rc == 2 and one_line(err) and f"{out / 'args.json'}: not the JSON dynat.py writes" in err, err
+
+
 def test_non_finite_weights_are_never_saved_and_never_evaluated(tmp_path, capsys, monkeypatch):
     """A BatchNorm running variance becomes inf while every loss stays finite (--lr 1e6 did that): the run stops
     in one line naming it, last.pt keeps the previous epoch; evaluate.py refuses such weights."""
