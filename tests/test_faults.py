@@ -137,8 +137,8 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_by_resume_and_evaluate(tmp_
         assert rc == 2 and one_line(err) and f"{out / name}: corrupt" in err, err
 
 
-def test_a_torn_args_json_before_the_first_checkpoint_is_refused_in_one_line(tmp_path, capsys):
-    """A run killed before its first last.pt leaves args.json; bytes that are not its JSON are refused by name."""
+def test_an_args_json_that_is_not_json_is_refused_by_resume_in_one_line(tmp_path, capsys):
+    """Before its first last.pt a run is resumed from args.json; bytes there that are not JSON are refused by name."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "args.json").write_bytes(b'{"epochs": 1, "see')
