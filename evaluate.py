@@ -104,7 +104,7 @@ def parse_attacks(text):
             continue
         if name not in AUTOATTACK and not re.fullmatch(r"(pgd|cw)[1-9]\d*", name):
             raise runs.UsageError(f"--attacks: unknown attack {name!r}; expected clean, pgdK, cwK (K >= 1), "
-                                   + ", ".join(AUTOATTACK))
+                                  + ", ".join(AUTOATTACK))
         names.append(name)
     return names
 
@@ -291,7 +291,7 @@ def load_model(args, device, log):
     sets = runs.checked(data.load_data, dataset, data_dir, args.workers)
     if classes is not None and classes != sets["classes"]:
         raise runs.UsageError(f"{args.checkpoint} has {classes} classes, {dataset} at {data_dir} "
-                               f"has {sets['classes']}")
+                              f"has {sets['classes']}")
     try:
         model = models.build_model(arch, sets["classes"])
     except ValueError as e:
@@ -343,13 +343,13 @@ def open_out_dir(args, meta, attacks, stack):
         for key in SETTINGS:
             if setting(key) != meta[key]:
                 raise runs.UsageError(f"--resume: {out_dir} was evaluated with {key} = {prev.get(key)!r}, "
-                                       f"not {meta[key]!r}; pass --out-dir elsewhere or --overwrite")
+                                      f"not {meta[key]!r}; pass --out-dir elsewhere or --overwrite")
         with np.load(os.path.join(out_dir, "per_example.npz")) as f:
             done = {a: torch.from_numpy(f[a]) for a in attacks if a in f.files and a in prev["seconds"]}
         seconds = {a: prev["seconds"][a] for a in done}
     elif earlier and not (args.overwrite or args.resume):
         raise runs.UsageError(f"{out_dir} holds an earlier evaluation with the same settings: pass --resume "
-                               "to continue it or --overwrite to start again")
+                              "to continue it or --overwrite to start again")
     stack.enter_context(runs.own_out_dir(out_dir, "evaluate.py"))  # refused while a live evaluation writes there
     if not resuming:  # a stale AutoAttack state would otherwise be continued
         for path in glob.glob(os.path.join(out_dir, "autoattack_*.json")):
@@ -369,7 +369,8 @@ def attack(name, model, x, y, clean, args, out_dir, progress, amp, classes, **co
     settings = dict(epsilon=args.epsilon, step_size=args.step_size, num_steps=1 if args.dry_run else int(steps),
                     loss="ce" if loss == "pgd" else "cw", start="uniform", norm=args.norm)
     with progress(0, column(name)) as bar, runs.autocast(common["device"], amp):
-        return runs.robust_mask(model, x, y, dynat.pgd(**settings), clean=clean, restarts=args.restarts, progress=bar, **common)
+        return runs.robust_mask(model, x, y, dynat.pgd(**settings), clean=clean, restarts=args.restarts,
+                                progress=bar, **common)
 
 
 def provenance():
@@ -384,7 +385,7 @@ def run(args, stack):
     runs.require(args, ("workers",), lambda v: v >= 0, ">= 0")
     if args.amp == "fp16":
         raise runs.UsageError("--amp fp16 is refused: fp16's input gradient underflows to 0 on confidently "
-                               "classified points, PGD stops moving and robust accuracy is overstated; use bf16 or none")
+                              "classified points, PGD stops moving and robust accuracy is overstated; use bf16 or none")
     attacks = parse_attacks(args.attacks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise runs.UsageError("evaluate.py runs in one process: start it with python, not torchrun")

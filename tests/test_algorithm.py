@@ -764,7 +764,8 @@ def test_attack_moves_the_pixels_under_every_amp(amp, loss):
     with torch.no_grad():
         y = model(x).argmax(1)
     torch.manual_seed(0)
-    with dynat_runs.autocast(torch.device("cpu"), dynat_runs.amp_dtype(amp, torch.device("cpu"))):  # the caller's precision
+    cpu = torch.device("cpu")
+    with dynat_runs.autocast(cpu, dynat_runs.amp_dtype(amp, cpu)):  # the caller's precision
         x_adv, _ = dynat.perturb(model, x, y, epsilon=EPS, step_size=STEP, num_steps=10, loss=loss)
     unmoved = ((x_adv - x).abs() < STEP / 2).float().mean().item()
     assert unmoved < 0.05, f"{unmoved:.1%} of the pixels never moved under --amp {amp}"
