@@ -39,7 +39,7 @@ import torch.distributed as dist
 try:  # the training program's; dynat.py copied alone into a project still serves the block (from dynat import ...)
     from dynat_runs import (NOT_EVALUATED, STEP_STATS, STOP_SIGNALS, UsageError, add_flags, add_step, amp_dtype,
                             autocast, average_replicas, check_out_dir, check_replicas, checked, configure_backends,
-                            epoch_batches, epoch_row, evaluate_epoch, exit_code, fmt_fraction, fraction,
+                            epoch_batches, epoch_row, evaluate_epoch, exit_code, exit_process, fmt_fraction, fraction,
                             init_processes, load_weights, metrics_before, ours, own_out_dir, plot_curves,
                             progress_bar, provenance, require, resolve_resume, save_checkpoint, step_seed,
                             stop_signals, synchronise_batchnorm, torchrun_notes, update_ema, write_atomic)
@@ -894,4 +894,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.exit(code) if alone else exit_process(code)
