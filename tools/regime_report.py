@@ -17,9 +17,11 @@ import statistics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "fashion-mnist-regime.md")
 DIR = os.path.join(ROOT, "docs", "fashion-mnist-regime")
-METHODS = {"clean": "no attack (a clean WRN-16-2: the room for a gain)", "pgd-at": "PGD-AT", "trades": "TRADES (β = 6)", "dynat-inner": "DYNAT-Inner", "dynat": "DYNAT (KL attack)",
-           "dynat-inner-awp": "DYNAT-Inner-AWP (α = 1)", "dynat-inner-warmup": "DYNAT-Inner, guide warm-up 1"}
+METHODS = {"clean": "no attack (a clean WRN-16-2: the room for a gain)", "pgd-at": "PGD-AT", "trades": "TRADES (β = 6)",
+           "dynat-inner": "DYNAT-Inner", "dynat": "DYNAT (KL attack)", "dynat-inner-awp": "DYNAT-Inner-AWP (α = 1)",
+           "dynat-inner-warmup": "DYNAT-Inner, guide warm-up 1"}
 COLUMNS = ("clean", "pgd20", "cw20")
+STEPS = ("pgd10", "pgd20", "pgd40")
 
 
 def load(path):
@@ -27,15 +29,25 @@ def load(path):
         return json.load(f) if path.endswith(".json") else [json.loads(line) for line in f]
 
 
+def complete(path):
+    """The evaluation's results.json at path if it ran to its end, else None."""
+    results = load(path) if os.path.isfile(path) else None
+    return results if results and results.get("complete") else None
+
+
 def runs():
     """{method: [(seed, results or None, metrics rows)]}, in METHODS' order."""
     found = {}
     for d in sorted(glob.glob(os.path.join(DIR, "runs", "*-s[0-9]*"))):
         method, seed = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(d)).groups()
-        results = os.path.join(d, "eval", "results.json")
-        found.setdefault(method, []).append((int(seed), load(results) if os.path.isfile(results) else None,
+        found.setdefault(method, []).append((int(seed), complete(os.path.join(d, "eval", "results.json")),
                                              load(os.path.join(d, "metrics.jsonl"))))
     return {m: sorted(found[m]) for m in METHODS if m in found}
+
+
+def extra(method, seed, name):
+    """A run's further evaluation (eval_steps500, eval_aa500) if it ran to its end, else None."""
+    return complete(os.path.join(DIR, "runs", f"{method}-s{seed}", name, "results.json"))
 
 
 def mean_std(values):
@@ -45,15 +57,30 @@ def mean_std(values):
 
 
 def table(found):
-    lines = ["| method | n | clean | PGD-20 | C&W-20 | per seed: clean / PGD-20 / C&W-20 | minutes of training, each |",
-             "|---|---:|---:|---:|---:|---|---|"]
+    lines = ["| method | n | clean | PGD-20 | C&W-20 | per seed: clean / PGD-20 / C&W-20 | AutoAttack, seed 0 (500) "
+             "| minutes of training, each |", "|---|---:|---:|---:|---:|---|---|---|"]
     for method, seeds in found.items():
-        done = [(s, r) for s, r, _ in seeds if r is not None and r.get("complete")]
+        done = [(s, r) for s, r, _ in seeds if r is not None]
+        aa = extra(method, 0, "eval_aa500")
+        aa = f"{100 * aa['accuracy']['aa']:.1f} (clean {100 * aa['accuracy']['clean']:.1f})" if aa else "not yet"
         acc = {c: [100 * r["accuracy"][c] for _, r in done] for c in COLUMNS}
         per_seed = "; ".join(f"s{s}: " + " / ".join(f"{100 * r['accuracy'][c]:.1f}" for c in COLUMNS) for s, r in done)
         minutes = ", ".join(f"{sum(row['seconds'] for row in rows) / 60:.0f}" for _, _, rows in seeds)
         lines.append(f"| {METHODS[method]} | {len(done)} | {mean_std(acc['clean'])} | {mean_std(acc['pgd20'])} | "
-                     f"{mean_std(acc['cw20'])} | {per_seed or 'running'} | {minutes} |")
+                     f"{mean_std(acc['cw20'])} | {per_seed or 'running'} | {aa} | {minutes} |")
+    return "\n".join(lines)
+
+
+def steps(found):
+    """Robust accuracy against more steps of the same attack: a model robust only to the attack it trained with
+    (gradient masking) falls as the steps grow."""
+    lines = ["| run | clean | PGD-10 | PGD-20 | PGD-40 |", "|---|---:|---:|---:|---:|"]
+    for method, seeds in found.items():
+        for seed, _, _ in seeds:
+            r = extra(method, seed, "eval_steps500")
+            if r:
+                lines.append(f"| {METHODS[method]} s{seed} | " + " | ".join(
+                    f"{100 * r['accuracy'][c]:.1f}" for c in ("clean", *STEPS)) + " |")
     return "\n".join(lines)
 
 
@@ -129,7 +156,7 @@ def main():
     found = runs()
     with open(DOC) as f:
         text = f.read()
-    for name, body in (("table", table(found)), ("regime", regime(found))):
+    for name, body in (("table", table(found)), ("steps", steps(found)), ("regime", regime(found))):
         text, count = re.subn(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)",
                               lambda m: m[1] + body + "\n" + m[2], text, flags=re.S)
         assert count == 1, name
