@@ -28,15 +28,23 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     write_run(folder / "runs" / "pgd-at-s0", {"clean": 0.70, "pgd20": 0.60, "cw20": 0.58})
     write_run(folder / "runs" / "pgd-at-s1", {"clean": 0.72, "pgd20": 0.62, "cw20": 0.60})
     write_run(folder / "runs" / "dynat-inner-s0", {"clean": 0.75, "pgd20": 0.61, "cw20": 0.59}, agreement=0.96)
+    for run, name, results in (("pgd-at-s0", "eval_aa500", {"complete": True, "accuracy": {"clean": 0.7, "aa": 0.55}}),
+                               ("dynat-inner-s0", "eval_aa500", {"complete": False, "accuracy": {"clean": 0.7}}),
+                               ("dynat-inner-s0", "eval_steps500", {"complete": True, "accuracy": {
+                                   "clean": 0.76, "pgd10": 0.6, "pgd20": 0.4, "pgd40": 0.3}})):
+        os.makedirs(folder / "runs" / run / name)
+        (folder / "runs" / run / name / "results.json").write_text(json.dumps(results))
     os.makedirs(folder / "runs" / "trades-s0")  # running: its epochs so far, no results yet
     (folder / "runs" / "trades-s0" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 60.0}) + "\n")
     monkeypatch.setattr(regime_report, "DOC", str(doc))
     monkeypatch.setattr(regime_report, "DIR", str(folder))
     regime_report.main()
     text = doc.read_text()
-    assert "| PGD-AT | 2 | 71.0 ± 1.4 | 61.0 ± 1.4 | 59.0 ± 1.4 | s0: 70.0 / 60.0 / 58.0; s1: 72.0 / 62.0 / 60.0 | 4, 4 |" \
-        in text
-    assert "| DYNAT-Inner | 1 | 75.0 | 61.0 | 59.0 |" in text and "| TRADES (β = 6) | 0 | — | — | — | running |" in text
+    assert ("| PGD-AT | 2 | 71.0 ± 1.4 | 61.0 ± 1.4 | 59.0 ± 1.4 | s0: 70.0 / 60.0 / 58.0; s1: 72.0 / 62.0 / 60.0 | "
+            "55.0 (clean 70.0) | 4, 4 |") in text  # AutoAttack of seed 0, once complete
+    assert "| DYNAT-Inner | 1 | 75.0 | 61.0 | 59.0 | s0: 75.0 / 61.0 / 59.0 | not yet | 4 |" in text  # AA unfinished
+    assert "| TRADES (β = 6) | 0 | — | — | — | running | not yet | 1 |" in text
+    assert "| DYNAT-Inner s0 | 76.0 | 60.0 | 40.0 | 30.0 |" in text and "| PGD-AT s0 | 70.0 |" not in text  # steps
     assert "| DYNAT-Inner s0 | — / — / — / — / — | 1 |" in text  # 4 epochs: agreement >= 0.95 from epoch 1
     assert (doc.parent / "fashion-mnist-regime.png").stat().st_size > 1000
     assert (doc.parent / "fashion-mnist-regime-epochs.png").stat().st_size > 1000
