@@ -319,6 +319,19 @@ def test_two_processes_keep_replicas_identical_and_resume(folder, tmp_path, two_
     assert_same_weights(full / "last.pt", cut / "last.pt")
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_worker_leaves_without_teardown_and_keeps_its_output(world):
+    """dynat.py ends with dynat_runs.exit_process: under torchrun (WORLD_SIZE > 1) no interpreter or libtorch
+    teardown runs (there a finished gloo worker sometimes aborted), yet what it printed to a pipe gets out. A
+    --resume that fails ends main before any process group, the quickest way to dynat.py's last line."""
+    code = ("import atexit, runpy, sys; atexit.register(print, 'teardown'); print('done', end=''); "
+            "sys.argv = ['dynat.py', '--resume', 'no-such-run']; runpy.run_path('dynat.py', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"WORLD_SIZE": world}  # a buffered pipe
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "--resume no-such-run: no such directory" in r.stderr
+    assert r.stdout == ("done" if world == "2" else "doneteardown\n")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's worker in /proc")
 def test_an_elastic_restart_continues_the_run_and_trains_the_same_weights(folder, tmp_path, two_process_run):
     """torchrun --max-restarts 1 ... --resume auto; rank 1 killed (SIGKILL) in epoch 2: the agent relaunches the
