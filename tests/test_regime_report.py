@@ -28,6 +28,7 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     write_run(folder / "runs" / "pgd-at-s0", {"clean": 0.70, "pgd20": 0.60, "cw20": 0.58})
     write_run(folder / "runs" / "pgd-at-s1", {"clean": 0.72, "pgd20": 0.62, "cw20": 0.60})
     write_run(folder / "runs" / "dynat-inner-s0", {"clean": 0.75, "pgd20": 0.61, "cw20": 0.59}, agreement=0.96)
+    write_run(folder / "runs" / "dynat-inner-s1", {"clean": 0.77, "pgd20": 0.63, "cw20": 0.61})
     for run, name, results in (("pgd-at-s0", "eval_aa500", {"complete": True, "accuracy": {"clean": 0.7, "aa": 0.55}}),
                                ("dynat-inner-s0", "eval_aa500", {"complete": False, "accuracy": {"clean": 0.7}}),
                                ("dynat-inner-s0", "eval_steps500", {"complete": True, "accuracy": {
@@ -42,10 +43,16 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     text = doc.read_text()
     assert ("| PGD-AT | 2 | 71.0 ± 1.4 | 61.0 ± 1.4 | 59.0 ± 1.4 | s0: 70.0 / 60.0 / 58.0; s1: 72.0 / 62.0 / 60.0 | "
             "55.0 (clean 70.0) | 4, 4 |") in text  # AutoAttack of seed 0, once complete
-    assert "| DYNAT-Inner | 1 | 75.0 | 61.0 | 59.0 | s0: 75.0 / 61.0 / 59.0 | not yet | 4 |" in text  # AA unfinished
+    assert ("| DYNAT-Inner | 2 | 76.0 ± 1.4 | 62.0 ± 1.4 | 60.0 ± 1.4 | s0: 75.0 / 61.0 / 59.0; s1: 77.0 / 63.0 / 61.0 "
+            "| not yet | 4, 4 |") in text  # AA unfinished
+    # the verdict: clean against PGD-AT's (± the standard error of the difference), seed by seed, and the models
+    # whose robust accuracy falls more than 20 points from PGD-10 to PGD-40 (only s0 had the step sweep)
+    assert "| DYNAT-Inner | 2 | 76.0 ± 1.4 | +5.0 ± 1.4 | s0: +5.0, s1: +5.0 | 1 of 1 |" in text
+    assert "| PGD-AT | 2 | 71.0 ± 1.4 | — | — | 0 of 0 |" in text
     assert "| TRADES (β = 6) | 0 | — | — | — | running | not yet | 1 |" in text
-    assert "| DYNAT-Inner s0 | 76.0 | 60.0 | 40.0 | 30.0 |" in text and "| PGD-AT s0 | 70.0 |" not in text  # steps
-    assert "| DYNAT-Inner s0 | — / — / — / — / — | 1 |" in text  # 4 epochs: agreement >= 0.95 from epoch 1
+    assert "| DYNAT-Inner s0 | 76.0 | 60.0 | 40.0 | 30.0 | 30.0 |" in text and "| PGD-AT s0 | 70.0 |" not in text  # steps
+    assert "| DYNAT-Inner s0 | — / — / — / — / — | 1 | 0.800 (epoch 4) | 0.700 / 0.600 (epoch 4) |" in text  # 4 epochs:
+    # agreement >= 0.95 from epoch 1, no epoch 30: the target's last evaluation
     assert (doc.parent / "fashion-mnist-regime.png").stat().st_size > 1000
     assert (doc.parent / "fashion-mnist-regime-epochs.png").stat().st_size > 1000
     regime_report.main()  # again: the generated sections are replaced, not repeated

@@ -4,8 +4,9 @@
 
 Reads docs/fashion-mnist-regime/runs/<method>-s<seed>/ (metrics.jsonl, args.json, eval/results.json) and
 docs/fashion-mnist-regime/pilots/*/ (the runs that chose the setting), and writes, between the doc's
-"<!-- generated: NAME -->" and "<!-- end: NAME -->" lines, the table of every method (mean +- std over the seeds
-run, with n, and each seed's figures), the regime's measurements, and the pictures fashion-mnist-regime.png (clean
+"<!-- generated: NAME -->" and "<!-- end: NAME -->" lines, the verdict's table (each method's clean accuracy
+against PGD-AT's, with the standard error of the difference, and its masked models), the table of every method
+(mean +- std over the seeds run, with n, and each seed's figures), the step sweep, the regime's measurements, and the pictures fashion-mnist-regime.png (clean
 against PGD-20, one point per run, one colour per method) and fashion-mnist-regime-epochs.png (per epoch).
 """
 import glob
@@ -22,6 +23,7 @@ METHODS = {"clean": "no attack (a clean WRN-16-2: the room for a gain)", "pgd-at
            "dynat-inner-warmup": "DYNAT-Inner, guide warm-up 1"}
 COLUMNS = ("clean", "pgd20", "cw20")
 STEPS = ("pgd10", "pgd20", "pgd40")
+MASKED = 20  # points of robust accuracy lost from PGD-10 to PGD-40 that call a model masked (the step sweep)
 
 
 def load(path):
@@ -71,23 +73,44 @@ def table(found):
     return "\n".join(lines)
 
 
+def verdict(found):
+    """Each method's clean accuracy against PGD-AT's (the claim), and how many of its models are masked."""
+    lines = ["| row | n | clean | − PGD-AT | per seed, − PGD-AT's same seed | masked (PGD-10 − PGD-40 > "
+             f"{MASKED} points) |", "|---|---:|---:|---:|---|---:|"]
+    clean = {m: {s: 100 * r["accuracy"]["clean"] for s, r, _ in seeds if r} for m, seeds in found.items()}
+    base = clean.get("pgd-at", {})
+    for method, seeds in found.items():
+        drops = [100 * (r["accuracy"]["pgd10"] - r["accuracy"]["pgd40"]) for r in
+                 (extra(method, s, "eval_steps500") for s, _, _ in seeds) if r]
+        values, diff, per_seed = list(clean[method].values()), "—", "—"
+        if method != "pgd-at" and len(values) > 1 and len(base) > 1:
+            se = (statistics.variance(values) / len(values) + statistics.variance(base.values()) / len(base)) ** 0.5
+            diff = f"{statistics.mean(values) - statistics.mean(base.values()):+.1f} ± {se:.1f}"
+        if method != "pgd-at" and set(clean[method]) & set(base):
+            per_seed = ", ".join(f"s{s}: {c - base[s]:+.1f}" for s, c in clean[method].items() if s in base)
+        lines.append(f"| {METHODS[method]} | {len(values)} | {mean_std(values)} | {diff} | {per_seed} | "
+                     f"{sum(d > MASKED for d in drops)} of {len(drops)} |")
+    return "\n".join(lines)
+
+
 def steps(found):
     """Robust accuracy against more steps of the same attack: a model robust only to the attack it trained with
     (gradient masking) falls as the steps grow."""
-    lines = ["| run | clean | PGD-10 | PGD-20 | PGD-40 |", "|---|---:|---:|---:|---:|"]
+    lines = ["| run | clean | PGD-10 | PGD-20 | PGD-40 | PGD-10 − PGD-40 |", "|---|---:|---:|---:|---:|---:|"]
     for method, seeds in found.items():
         for seed, _, _ in seeds:
             r = extra(method, seed, "eval_steps500")
             if r:
-                lines.append(f"| {METHODS[method]} s{seed} | " + " | ".join(
-                    f"{100 * r['accuracy'][c]:.1f}" for c in ("clean", *STEPS)) + " |")
+                acc = [100 * r["accuracy"][c] for c in ("clean", *STEPS)]
+                lines.append(f"| {METHODS[method]} s{seed} | " + " | ".join(f"{a:.1f}" for a in acc)
+                             + f" | {acc[1] - acc[-1]:.1f} |")
     return "\n".join(lines)
 
 
 def regime(found):
     """The regime's measurements: the guide's agreement, the targets' per-epoch figures at the first decay."""
     lines = ["| run | dynamic labels = y (train), epochs 10 / 20 / 30 / 45 / 60 | first epoch >= 0.95 | guide clean "
-             "(test), last | target clean / PGD-10 (test, 500), epochs 30 / 44 / 60 |", "|---|---|---:|---:|---|"]
+             "(test), last | target clean / PGD-10 (test, 500), epochs 30; 44; 60 |", "|---|---|---:|---:|---|"]
     pilots = [(f"pilot {os.path.basename(d)}", load(os.path.join(d, "metrics.jsonl")),
                load(os.path.join(d, "args.json"))) for d in sorted(glob.glob(os.path.join(DIR, "pilots", "*")))]
     for name, rows, args in pilots + [(f"{METHODS[m]} s{s}", rows, {"num_steps": 10})
@@ -99,11 +122,11 @@ def regime(found):
         guide = next((f"{r['guide_clean_acc']:.3f} (epoch {r['epoch']})" for r in reversed(rows)
                       if r.get("guide_clean_acc") is not None), "—")
         evals = [r for r in rows if r.get("target_pgd_acc") is not None]
-        target = " / ".join(f"{at[e]['target_clean_acc']:.3f} / {at[e]['target_pgd_acc']:.3f}"
-                            if e in at and at[e].get("target_pgd_acc") is not None else "—" for e in (30, 44, 60))
+        target = "; ".join(f"{at[e]['target_clean_acc']:.3f} / {at[e]['target_pgd_acc']:.3f}"
+                           if e in at and at[e].get("target_pgd_acc") is not None else "—" for e in (30, 44, 60))
         if args["num_steps"] == 0:  # a guide pilot: its target was never attacked
             target = "— (no attack: the guide's pilot)"
-        elif target == "— / — / —" and evals:
+        elif target == "—; —; —" and evals:
             target = f"{evals[-1]['target_clean_acc']:.3f} / {evals[-1]['target_pgd_acc']:.3f} (epoch {evals[-1]['epoch']})"
         lines.append(f"| {name} | {agree} | {first or '—'} | {guide} | {target} |")
     return "\n".join(lines)
@@ -156,7 +179,8 @@ def main():
     found = runs()
     with open(DOC) as f:
         text = f.read()
-    for name, body in (("table", table(found)), ("steps", steps(found)), ("regime", regime(found))):
+    for name, body in (("verdict", verdict(found)), ("table", table(found)), ("steps", steps(found)),
+                       ("regime", regime(found))):
         text, count = re.subn(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)",
                               lambda m: m[1] + body + "\n" + m[2], text, flags=re.S)
         assert count == 1, name
