@@ -114,6 +114,7 @@ def _load_mnist(dataset, data_dir):
     rejects recompressed copies such as Debian's by their MD5, and then tries to download)."""
     import gzip
     import shutil
+    import uuid
     import torchvision
     cls = getattr(torchvision.datasets, MNIST_CLASSES[dataset])
     raw = os.path.join(os.path.abspath(data_dir), cls.__name__, "raw")
@@ -121,11 +122,16 @@ def _load_mnist(dataset, data_dir):
     for name in files:
         gz, plain = os.path.join(raw, name), os.path.join(raw, name[:-len(".gz")])
         if os.path.isfile(gz) and not os.path.isfile(plain):
+            # each process extracts into a part file of its own (several seeds started at once on a fresh
+            # folder all extract), and a half-extracted file never passes for the whole one
+            part = f"{plain}.{uuid.uuid4().hex}.part"  # not mkstemp: its files are private to their owner
             try:
-                with gzip.open(gz) as src, open(plain + ".part", "wb") as dst:
+                with gzip.open(gz) as src, open(part, "xb") as dst:
                     shutil.copyfileobj(src, dst)
-                os.replace(plain + ".part", plain)  # a half-extracted file never passes for the whole one
+                os.replace(part, plain)
             except (OSError, EOFError) as e:
+                if os.path.exists(part):
+                    os.remove(part)
                 raise ValueError(f"{gz}: not a valid gzip file ({e}); copy it again")
     try:
         splits = [cls(data_dir, train=train, download=True) for train in (True, False)]

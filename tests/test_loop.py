@@ -384,6 +384,28 @@ def test_mnist_format_files_train_one_step(tmp_path, dataset, folder):
                        "--batch-size", "8", "--out-dir", str(tmp_path / "run"), *TINY]) == 0
 
 
+def test_mnist_files_extracted_by_two_runs_at_once(tmp_path, monkeypatch):
+    """Several seeds started at once on a fresh folder all extract the same .gz files: a second extraction
+    that runs while the first is half-way must not make the first fail (it did when both used one part file)."""
+    import shutil
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", 20), ("t10k", 10)):
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    copy, interleaved = shutil.copyfileobj, []
+
+    def copy_with_another_run_in_between(src, dst):
+        if not interleaved:  # the other run extracts everything while this one is between open and copy
+            interleaved.append(None)
+            interleaved[0] = dynat.data.load_data("fashion-mnist", str(tmp_path))
+        copy(src, dst)
+    monkeypatch.setattr(shutil, "copyfileobj", copy_with_another_run_in_between)
+    data = dynat.data.load_data("fashion-mnist", str(tmp_path))
+    assert interleaved and torch.equal(data["train"][1], interleaved[0]["train"][1])
+    assert sorted(p.name for p in raw.iterdir() if p.suffix == ".part") == []
+
+
 def test_missing_mnist_files_say_what_to_put_where(tmp_path, monkeypatch, capsys):
     import torchvision
 
