@@ -13,7 +13,8 @@ import regime_report  # noqa: E402
 
 def write_run(folder, accuracy, epochs=4, agreement=0.9):
     os.makedirs(folder / "eval")
-    rows = [{"epoch": e, "seconds": 60.0, "dynamic_label_acc": agreement, "guide_clean_acc": 0.8,
+    # 60 s an epoch, and 6 minutes more in the last (a run paused while speed was measured)
+    rows = [{"epoch": e, "seconds": 60.0 + 360 * (e == epochs), "dynamic_label_acc": agreement, "guide_clean_acc": 0.8,
              "target_clean_acc": 0.7, "target_pgd_acc": 0.6} for e in range(1, epochs + 1)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "args.json").write_text(json.dumps({"num_steps": 10}))
@@ -42,14 +43,15 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     regime_report.main()
     text = doc.read_text()
     assert ("| PGD-AT | 2 | 71.0 ± 1.4 | 61.0 ± 1.4 | 59.0 ± 1.4 | s0: 70.0 / 60.0 / 58.0; s1: 72.0 / 62.0 / 60.0 | "
-            "55.0 (clean 70.0) | 4, 4 |") in text  # AutoAttack of seed 0, once complete
+            "55.0 (clean 70.0) | 10 (60), 10 (60) |") in text  # AutoAttack of seed 0, once complete; minutes in all
+    # and the median epoch's seconds, which a pause does not move
     assert ("| DYNAT-Inner | 2 | 76.0 ± 1.4 | 62.0 ± 1.4 | 60.0 ± 1.4 | s0: 75.0 / 61.0 / 59.0; s1: 77.0 / 63.0 / 61.0 "
-            "| not yet | 4, 4 |") in text  # AA unfinished
+            "| not yet | 10 (60), 10 (60) |") in text  # AA unfinished
     # the verdict: clean against PGD-AT's (± the standard error of the difference), seed by seed, and the models
     # whose robust accuracy falls more than 20 points from PGD-10 to PGD-40 (only s0 had the step sweep)
     assert "| DYNAT-Inner | 2 | 76.0 ± 1.4 | +5.0 ± 1.4 | s0: +5.0, s1: +5.0 | 1 of 1 |" in text
     assert "| PGD-AT | 2 | 71.0 ± 1.4 | — | — | 0 of 0 |" in text
-    assert "| TRADES (β = 6) | 0 | — | — | — | running | not yet | 1 |" in text
+    assert "| TRADES (β = 6) | 0 | — | — | — | running | not yet | 1 (60) |" in text
     assert "| DYNAT-Inner s0 | 76.0 | 60.0 | 40.0 | 30.0 | 30.0 |" in text and "| PGD-AT s0 | 70.0 |" not in text  # steps
     assert "| DYNAT-Inner s0 | — / — / — / — / — | 1 | 0.800 (epoch 4) | 0.700 / 0.600 (epoch 4) |" in text  # 4 epochs:
     # agreement >= 0.95 from epoch 1, no epoch 30: the target's last evaluation

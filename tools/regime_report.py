@@ -60,14 +60,16 @@ def mean_std(values):
 
 def table(found):
     lines = ["| method | n | clean | PGD-20 | C&W-20 | per seed: clean / PGD-20 / C&W-20 | AutoAttack, seed 0 (500) "
-             "| minutes of training, each |", "|---|---:|---:|---:|---:|---|---|---|"]
+             "| training, each: minutes (median seconds an epoch) |", "|---|---:|---:|---:|---:|---|---|---|"]
     for method, seeds in found.items():
         done = [(s, r) for s, r, _ in seeds if r is not None]
         aa = extra(method, 0, "eval_aa500")
         aa = f"{100 * aa['accuracy']['aa']:.1f} (clean {100 * aa['accuracy']['clean']:.1f})" if aa else "not yet"
         acc = {c: [100 * r["accuracy"][c] for _, r in done] for c in COLUMNS}
         per_seed = "; ".join(f"s{s}: " + " / ".join(f"{100 * r['accuracy'][c]:.1f}" for c in COLUMNS) for s, r in done)
-        minutes = ", ".join(f"{sum(row['seconds'] for row in rows) / 60:.0f}" for _, _, rows in seeds)
+        # the sum counts a pause (a run stopped while speed is measured) in its epoch; the median does not
+        minutes = ", ".join(f"{sum(row['seconds'] for row in rows) / 60:.0f} "
+                            f"({statistics.median(row['seconds'] for row in rows):.0f})" for _, _, rows in seeds)
         lines.append(f"| {METHODS[method]} | {len(done)} | {mean_std(acc['clean'])} | {mean_std(acc['pgd20'])} | "
                      f"{mean_std(acc['cw20'])} | {per_seed or 'running'} | {aa} | {minutes} |")
     return "\n".join(lines)
