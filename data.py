@@ -130,9 +130,10 @@ def _load_mnist(dataset, data_dir):
                     shutil.copyfileobj(src, dst)
                 os.replace(part, plain)
             except (OSError, EOFError) as e:
+                raise ValueError(f"{gz}: not a valid gzip file ({e}); copy it again")
+            finally:  # a failed or interrupted extraction leaves nothing behind
                 if os.path.exists(part):
                     os.remove(part)
-                raise ValueError(f"{gz}: not a valid gzip file ({e}); copy it again")
     try:
         splits = [cls(data_dir, train=train, download=True) for train in (True, False)]
     except Exception as e:
