@@ -115,6 +115,7 @@ def _load_mnist(dataset, data_dir):
     import gzip
     import shutil
     import uuid
+    import zlib
     import torchvision
     cls = getattr(torchvision.datasets, MNIST_CLASSES[dataset])
     raw = os.path.join(os.path.abspath(data_dir), cls.__name__, "raw")
@@ -129,8 +130,10 @@ def _load_mnist(dataset, data_dir):
                 with gzip.open(gz) as src, open(part, "xb") as dst:
                     shutil.copyfileobj(src, dst)
                 os.replace(part, plain)
-            except (OSError, EOFError) as e:
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # the archive's bytes
                 raise ValueError(f"{gz}: not a valid gzip file ({e}); copy it again")
+            except OSError as e:  # the folder's: no space, no permission; the archive may be fine
+                raise ValueError(f"cannot extract {gz} into {raw}/ ({e.strerror or e})")
             finally:  # a failed or interrupted extraction leaves nothing behind
                 if os.path.exists(part):
                     os.remove(part)

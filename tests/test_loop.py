@@ -406,6 +406,38 @@ def test_mnist_files_extracted_by_two_runs_at_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in raw.iterdir() if p.suffix == ".part") == []
 
 
+@pytest.mark.parametrize("fault", ["half an archive", "flipped bytes", "no space left"])
+def test_mnist_extraction_failure_names_its_cause(tmp_path, monkeypatch, capsys, fault):
+    """A broken .gz is named as broken (copy it again); a folder that cannot take the extracted file is named
+    with the system's reason, not as a broken archive the user would delete. Nothing half-written stays."""
+    import errno
+    import shutil
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", 20), ("t10k", 10)):
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    gz = raw / "train-images-idx3-ubyte.gz"
+    if fault == "half an archive":
+        gz.write_bytes(gz.read_bytes()[:len(gz.read_bytes()) // 2])
+    elif fault == "flipped bytes":  # inside the deflate stream (zlib's error, not gzip's)
+        packed = gzip.compress(gzip.decompress(gz.read_bytes()), mtime=0)  # a 10-byte header, an 8-byte trailer
+        gz.write_bytes(packed[:10] + bytes(b ^ 0x5A for b in packed[10:-8]) + packed[-8:])
+    else:
+        def full_disk(src, dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(shutil, "copyfileobj", full_disk)
+    assert dynat.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"),
+                       *TINY]) == 2
+    message = capsys.readouterr().err.strip()
+    assert str(gz) in message and "\n" not in message
+    if fault != "no space left":
+        assert "not a valid gzip file" in message
+    else:
+        assert "not a valid gzip" not in message and "cannot extract" in message and "No space left" in message
+    assert [p.name for p in raw.iterdir() if not p.name.endswith(".gz")] == []
+
+
 def test_missing_mnist_files_say_what_to_put_where(tmp_path, monkeypatch, capsys):
     import torchvision
 
