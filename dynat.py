@@ -40,7 +40,7 @@ try:  # the training program's; dynat.py copied alone into a project still serve
     from dynat_runs import (NOT_EVALUATED, STEP_STATS, STOP_SIGNALS, UsageError, add_flags, add_step, amp_dtype,
                             autocast, average_replicas, check_out_dir, check_replicas, checked, configure_backends,
                             epoch_batches, epoch_row, evaluate_epoch, exit_code, exit_process, fmt_fraction, fraction,
-                            init_processes, load_weights, metrics_before, ours, own_out_dir, plot_curves,
+                            init_processes, load_weights, machine, metrics_before, ours, own_out_dir, plot_curves,
                             progress_bar, provenance, require, resolve_resume, save_checkpoint, step_seed,
                             stop_signals, synchronise_batchnorm, torchrun_notes, update_ema, write_atomic)
 except ModuleNotFoundError as e:
@@ -781,7 +781,7 @@ def train(args, ckpt=None):
         "means nothing" * (args.dataset == "synthetic"))
     for note in start_notes(args, device):
         log(note)
-    prov, flags, title = provenance(), config_of(args), run_title(args)
+    prov, flags, title, host = provenance(), config_of(args), run_title(args), machine(device)
     weights = lambda: {"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else None,
                        "ema": None if ema is None else ema.state_dict(), "classes": classes, "args": vars(args),
                        "provenance": prov}  # in every checkpoint
@@ -837,7 +837,7 @@ def train(args, ckpt=None):
                     f"{last_path}; continue with: python dynat.py --resume {args.out_dir}")
                 return 128 + signum
 
-            row = epoch_row(epoch, lr, paper_epoch, sums, guide is not None) | (
+            row = epoch_row(epoch, lr, paper_epoch, sums, guide is not None, host) | (
                 evaluate_epoch(dict(guide=guide, target=target, ema=ema), sets, args, epoch, device, amp, fixed_shape,
                                pgd)
                 if main_process and (epoch % args.eval_every == 0 or epoch == last_epoch) else NOT_EVALUATED)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import shutil
 import signal
 import socket
@@ -488,6 +489,18 @@ def check_out_dir(out_dir, *, resuming, fresh, overwrite, main_process=True):
                 os.remove(path)
 
 
+def machine(device):
+    """What a timing was measured on: the GPU's name, or the CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "CPU"
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
 def provenance():
     """The commit (+dirty for uncommitted changes) and library versions a result was made with."""
     git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a], capture_output=True,
@@ -688,10 +701,11 @@ def add_step(sums, values, seen, world, where):
     return next((s for s, f in zip(STOP_SIGNALS, STOP_FLAGS) if values.get(f, 0) > 0), None), values
 
 
-def epoch_row(epoch, lr, paper_epoch, sums, has_guide):
-    """An epoch's metrics from its training sums (evaluate_epoch adds the evaluation's)."""
+def epoch_row(epoch, lr, paper_epoch, sums, has_guide, host):
+    """An epoch's metrics from its training sums (evaluate_epoch adds the evaluation's); `host`: machine()'s."""
     n_steps = max(sums["step"], 1)
-    return {"epoch": epoch, "lr": lr, "seconds": round(sums["seconds"], 3), "target_trained": paper_epoch > 0,
+    return {"epoch": epoch, "lr": lr, "seconds": round(sums["seconds"], 3), "machine": host,
+            "target_trained": paper_epoch > 0,
             "loss_guide": sums["loss_guide"] / n_steps if has_guide else None,
             "loss_target": sums["loss_target"] / n_steps if paper_epoch > 0 else None,
             "dynamic_label_acc": sums["dyn_correct"] / sums["seen"] if has_guide else None}

@@ -405,6 +405,7 @@ def run(args, stack):
             "norm": args.norm, "epsilon": args.epsilon, "step_size": args.step_size, "restarts": args.restarts,
             "seed": args.seed,
             "amp": args.amp, "batch_size": args.batch_size, "attacks": ["clean"] + attacks, "device": str(device),
+            "machine": runs.machine(device),
             "dry_run": args.dry_run,
             "precision": {a: "float32" if a == "clean" or a in AUTOATTACK else attack_precision
                           for a in ["clean"] + attacks},

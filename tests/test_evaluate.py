@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import dynat
 import evaluate
 from models import build_model
+from test_scripts import this_machine
 
 EPS = "2/255"  # the fixture model: ~94 % clean, ~60 % under PGD-10 at this radius
 
@@ -379,6 +380,8 @@ def test_cli_end_to_end(synthetic_ckpt, tmp_path):
     assert results["versions"] == dict(results["versions"], torch=torch.__version__,
                                        pyautoattack=pyautoattack.__version__)
     assert set(results["seconds"]) == {"clean", "pgd2", "cw2"}
+    model, threads = this_machine(1)  # OMP_NUM_THREADS above
+    assert results["machine"].startswith(model) and results["machine"].endswith(threads)
     assert set(arrays) == {"clean", "pgd2", "cw2", "worst"} and all(len(a) == 12 for a in arrays.values())
     with open(out_dir / "results.md") as f:
         assert row in f.read()

@@ -65,9 +65,18 @@ def train_args(folder, out, *extra):
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    for r in rows:
-        r.pop("seconds")
+    for r in rows:  # how long, and on what: not the algorithm's
+        r.pop("seconds"), r.pop("machine")
     return rows
+
+
+def this_machine(threads):
+    """What machine() should say on this CPU: its model (where /proc/cpuinfo names it) and the threads."""
+    model = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return model, f", {threads} threads"
 
 
 def weights(path):
@@ -90,6 +99,9 @@ def test_end_to_end_writes_every_output(folder, tmp_path):
     for name in ("metrics.jsonl", "last.pt", "best.pt", "args.json", "curves.png"):
         assert (out / name).is_file(), name
     assert not (out / ".lock").exists()  # the run's lock goes with the run
+    model, threads = this_machine(1)  # run_script's OMP_NUM_THREADS
+    with open(out / "metrics.jsonl") as f:  # each epoch's seconds beside the machine that took them
+        assert all(row["machine"].startswith(model) and row["machine"].endswith(threads) for row in map(json.loads, f))
     rows = metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:

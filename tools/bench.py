@@ -434,7 +434,7 @@ def run(args):
                        "compile": args.compile,
                        "steps": args.steps, "warmup": args.warmup},
             "env": {"device": str(device), **runs.provenance(),
-                    "device_name": torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads",
+                    "device_name": runs.machine(device),
                     "timer": "cuda events" if cuda else "time.perf_counter",
                     "peak_memory": "torch.cuda.max_memory_allocated of one step above what was allocated before it" if cuda
                     else f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
@@ -443,14 +443,6 @@ def run(args):
                     "datasheet_gpus": [name for name, peaks in DATASHEET_TFLOPS if peaks],
                     "load_average": [load_before, load_after]},
             "rows": rows}
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "CPU"
 
 
 def print_table(result):
