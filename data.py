@@ -129,11 +129,13 @@ def _load_mnist(dataset, data_dir):
             try:
                 with gzip.open(gz) as src, open(part, "xb") as dst:
                     shutil.copyfileobj(src, dst)
+                    if not dst.tell():  # gzip reads an empty file as empty data; torchvision fails on it later
+                        raise EOFError("it holds no data")
                 os.replace(part, plain)
-            except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # the archive's bytes
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # the archive's bytes: bad input
                 raise ValueError(f"{gz}: not a valid gzip file ({e}); copy it again")
-            except OSError as e:  # the folder's: no space, no permission; the archive may be fine
-                raise ValueError(f"cannot extract {gz} into {raw}/ ({e.strerror or e})")
+            except OSError as e:  # reading or writing failed (no space, no permission): the archive may be fine
+                raise OSError(e.errno, f"{e.strerror or e} (extracting {gz})", e.filename or plain) from None
             finally:  # a failed or interrupted extraction leaves nothing behind
                 if os.path.exists(part):
                     os.remove(part)

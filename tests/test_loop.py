@@ -406,10 +406,11 @@ def test_mnist_files_extracted_by_two_runs_at_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in raw.iterdir() if p.suffix == ".part") == []
 
 
-@pytest.mark.parametrize("fault", ["half an archive", "flipped bytes", "no space left"])
+@pytest.mark.parametrize("fault", ["half an archive", "flipped bytes", "not a gzip", "empty", "no space left"])
 def test_mnist_extraction_failure_names_its_cause(tmp_path, monkeypatch, capsys, fault):
-    """A broken .gz is named as broken (copy it again); a folder that cannot take the extracted file is named
-    with the system's reason, not as a broken archive the user would delete. Nothing half-written stays."""
+    """A broken .gz is bad input, named as broken (copy it again: exit 2); a folder that cannot take the extracted
+    file is named with the system's reason, not as a broken archive the user would delete (exit 1, as any write
+    that fails). Nothing half-written stays."""
     import errno
     import shutil
     raw = tmp_path / "FashionMNIST" / "raw"
@@ -418,23 +419,27 @@ def test_mnist_extraction_failure_names_its_cause(tmp_path, monkeypatch, capsys,
         write_idx(raw / f"{split}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
         write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     gz = raw / "train-images-idx3-ubyte.gz"
-    if fault == "half an archive":
-        gz.write_bytes(gz.read_bytes()[:len(gz.read_bytes()) // 2])
-    elif fault == "flipped bytes":  # inside the deflate stream (zlib's error, not gzip's)
-        packed = gzip.compress(gzip.decompress(gz.read_bytes()), mtime=0)  # a 10-byte header, an 8-byte trailer
+    packed = gzip.compress(gzip.decompress(gz.read_bytes()), mtime=0)  # a 10-byte header, an 8-byte trailer
+    if fault == "half an archive":  # EOFError
+        gz.write_bytes(packed[:len(packed) // 2])
+    elif fault == "flipped bytes":  # inside the deflate stream: zlib's error, not gzip's
         gz.write_bytes(packed[:10] + bytes(b ^ 0x5A for b in packed[10:-8]) + packed[-8:])
+    elif fault == "not a gzip":  # gzip.BadGzipFile, an OSError that is the archive's fault
+        gz.write_bytes(b"<html>not found</html>")
+    elif fault == "empty":  # gzip reads it as empty data, without an error
+        gz.write_bytes(b"")
     else:
         def full_disk(src, dst):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         monkeypatch.setattr(shutil, "copyfileobj", full_disk)
-    assert dynat.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"),
-                       *TINY]) == 2
+    rc = dynat.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"),
+                     *TINY])
     message = capsys.readouterr().err.strip()
     assert str(gz) in message and "\n" not in message
     if fault != "no space left":
-        assert "not a valid gzip file" in message
+        assert rc == 2 and "not a valid gzip file" in message
     else:
-        assert "not a valid gzip" not in message and "cannot extract" in message and "No space left" in message
+        assert rc == 1 and "not a valid gzip" not in message and "No space left" in message
     assert [p.name for p in raw.iterdir() if not p.name.endswith(".gz")] == []
 
 
