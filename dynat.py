@@ -781,7 +781,7 @@ def train(args, ckpt=None):
         "means nothing" * (args.dataset == "synthetic"))
     for note in start_notes(args, device):
         log(note)
-    prov, flags, title, host = provenance(), config_of(args), run_title(args), machine(device)
+    prov, flags, title, host = provenance(), config_of(args), run_title(args), machine(device, world)
     weights = lambda: {"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else None,
                        "ema": None if ema is None else ema.state_dict(), "classes": classes, "args": vars(args),
                        "provenance": prov}  # in every checkpoint
@@ -858,7 +858,7 @@ def train(args, ckpt=None):
                 if improved:
                     save_checkpoint(best_path, weights() | dict(epoch=epoch, val_pgd_acc=val_pgd))
                 log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in row.items() if v is not None and k != "warning"))
+                               for k, v in row.items() if v is not None and k not in ("warning", "machine")))
                 if row["warning"]:
                     print(row["warning"], file=sys.stderr, flush=True)
             if world > 1:

@@ -489,16 +489,20 @@ def check_out_dir(out_dir, *, resuming, fresh, overwrite, main_process=True):
                 os.remove(path)
 
 
-def machine(device):
-    """What a timing was measured on: the GPU's name, or the CPU's model and the threads torch uses."""
+def machine(device, processes=1):
+    """What a timing was measured on: the GPU's name, or the CPU's model and the threads torch uses, times the
+    processes (torchrun's) where there are several."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "CPU"
-    return f"{cpu}, {torch.get_num_threads()} threads"
+        name = torch.cuda.get_device_name(device)
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            cpu = platform.processor() or "CPU"
+        threads = torch.get_num_threads()
+        name = f"{cpu}, {threads} thread{'s' * (threads != 1)}"
+    return name + (f" × {processes} processes" if processes > 1 else "")
 
 
 def provenance():
@@ -702,7 +706,8 @@ def add_step(sums, values, seen, world, where):
 
 
 def epoch_row(epoch, lr, paper_epoch, sums, has_guide, host):
-    """An epoch's metrics from its training sums (evaluate_epoch adds the evaluation's); `host`: machine()'s."""
+    """An epoch's metrics from its training sums (evaluate_epoch adds the evaluation's); `host`: machine()'s, of
+    the process that finishes the epoch."""
     n_steps = max(sums["step"], 1)
     return {"epoch": epoch, "lr": lr, "seconds": round(sums["seconds"], 3), "machine": host,
             "target_trained": paper_epoch > 0,

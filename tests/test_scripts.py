@@ -71,12 +71,15 @@ def metrics(out):
 
 
 def this_machine(threads):
-    """What machine() should say on this CPU: its model (where /proc/cpuinfo names it) and the threads."""
+    """(start, end) of what machine() should say here: the GPU's name (a run's default --device auto), or the
+    CPU's model (where /proc/cpuinfo names it) and the threads."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0), ""
     model = ""
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return model, f", {threads} threads"
+    return model, f", {threads} thread{'s' * (threads != 1)}"
 
 
 def weights(path):
@@ -315,6 +318,8 @@ def two_process_run(folder, tmp_path_factory):
     r = torchrun(train_args(folder, full, *TWO), capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
+    with open(full / "metrics.jsonl") as f:  # the seconds are two processes'
+        assert all(json.loads(line)["machine"].endswith(" × 2 processes") for line in f)
     return full
 
 
