@@ -11,11 +11,11 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import regime_report  # noqa: E402
 
 
-def write_run(folder, accuracy, epochs=4, agreement=0.9):
+def write_run(folder, accuracy, epochs=4, agreement=0.9, machine=None):
     os.makedirs(folder / "eval")
     # 60 s an epoch, and 6 minutes more in the last (a run paused while speed was measured)
     rows = [{"epoch": e, "seconds": 60.0 + 360 * (e == epochs), "dynamic_label_acc": agreement, "guide_clean_acc": 0.8,
-             "target_clean_acc": 0.7, "target_pgd_acc": 0.6} for e in range(1, epochs + 1)]
+             "target_clean_acc": 0.7, "target_pgd_acc": 0.6, "machine": machine} for e in range(1, epochs + 1)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "args.json").write_text(json.dumps({"num_steps": 10}))
     (folder / "eval" / "results.json").write_text(json.dumps({"complete": True, "accuracy": accuracy}))
@@ -36,6 +36,13 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
                                    "clean": 0.76, "pgd10": 0.6, "pgd20": 0.4, "pgd40": 0.3}})):
         os.makedirs(folder / "runs" / run / name)
         (folder / "runs" / run / name / "results.json").write_text(json.dumps(results))
+    # seed 0 of TRADES trained again elsewhere for its AutoAttack: other weights, so not in TRADES's row's figures
+    write_run(folder / "retrained" / "trades-s0", {"clean": 0.80, "pgd20": 0.50, "cw20": 0.49}, machine="Xeon, 1 thread")
+    for name, results in (("eval_aa500", {"complete": True, "accuracy": {"clean": 0.81, "aa": 0.42}}),
+                          ("eval_steps500", {"complete": True, "accuracy": {
+                              "clean": 0.81, "pgd10": 0.52, "pgd20": 0.5, "pgd40": 0.45}})):
+        os.makedirs(folder / "retrained" / "trades-s0" / name)
+        (folder / "retrained" / "trades-s0" / name / "results.json").write_text(json.dumps(results))
     os.makedirs(folder / "runs" / "trades-s0")  # running: its epochs so far, no results yet
     (folder / "runs" / "trades-s0" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 60.0}) + "\n")
     monkeypatch.setattr(regime_report, "DOC", str(doc))
@@ -51,11 +58,22 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     # whose robust accuracy falls more than 20 points from PGD-10 to PGD-40 (only s0 had the step sweep)
     assert "| DYNAT-Inner | 2 | 76.0 ± 1.4 | +5.0 ± 1.4 | s0: +5.0, s1: +5.0 | 1 of 1 |" in text
     assert "| PGD-AT | 2 | 71.0 ± 1.4 | — | — | 0 of 0 |" in text
-    assert "| TRADES (β = 6) | 0 | — | — | — | running | not yet | 1 (60) |" in text
+    # TRADES's seed 0 has no results yet; its retrained model's AutoAttack is shown, marked, and its own figures
+    # sit beside it in the AutoAttack table, not in TRADES's mean
+    assert "| TRADES (β = 6) | 0 | — | — | — | running | 42.0 (clean 81.0), retrained † | 1 (60) |" in text
+    assert "† of seed 0 trained again on another machine" in text
+    assert "| TRADES (β = 6) s0, retrained | Xeon, 1 thread | 80.0 / 50.0 / 49.0 | 7.0 | 42.0 (clean 81.0) |" in text
+    assert "| PGD-AT s0 | not recorded | 70.0 / 60.0 / 58.0 | — | 55.0 (clean 70.0) |" in text
+    assert "| DYNAT-Inner s0 | not recorded" not in text  # its AutoAttack never completed
+    assert "| TRADES (β = 6) s0, retrained | 81.0 | 52.0 | 50.0 | 45.0 | 7.0 |" in text  # its step sweep
     assert "| DYNAT-Inner s0 | 76.0 | 60.0 | 40.0 | 30.0 | 30.0 |" in text and "| PGD-AT s0 | 70.0 |" not in text  # steps
     assert "| DYNAT-Inner s0 | — / — / — / — / — | 1 | 0.800 (epoch 4) | 0.700 / 0.600 (epoch 4) |" in text  # 4 epochs:
     # agreement >= 0.95 from epoch 1, no epoch 30: the target's last evaluation
     assert (doc.parent / "fashion-mnist-regime.png").stat().st_size > 1000
     assert (doc.parent / "fashion-mnist-regime-epochs.png").stat().st_size > 1000
     regime_report.main()  # again: the generated sections are replaced, not repeated
+    assert doc.read_text() == text
+    os.makedirs(folder / "retrained" / "trades-s0-xeon")  # a folder the report cannot place: refused by name
+    with pytest.raises(SystemExit, match="trades-s0-xeon: a run's folder is named <method>-s<seed>"):
+        regime_report.main()
     assert doc.read_text() == text

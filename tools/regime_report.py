@@ -2,12 +2,15 @@
 
   python tools/regime_report.py          # rewrites the doc's generated sections and its two pictures
 
-Reads docs/fashion-mnist-regime/runs/<method>-s<seed>/ (metrics.jsonl, args.json, eval/results.json) and
-docs/fashion-mnist-regime/pilots/*/ (the runs that chose the setting), and writes, between the doc's
-"<!-- generated: NAME -->" and "<!-- end: NAME -->" lines, the verdict's table (each method's clean accuracy
-against PGD-AT's, with the standard error of the difference, and its masked models), the table of every method
-(mean +- std over the seeds run, with n, and each seed's figures), the step sweep, the regime's measurements, and the pictures fashion-mnist-regime.png (clean
-against PGD-20, one point per run, one colour per method) and fashion-mnist-regime-epochs.png (per epoch).
+Reads docs/fashion-mnist-regime/runs/<method>-s<seed>/ (metrics.jsonl, args.json, eval/results.json; the
+further evaluations eval_steps500/ and eval_aa500/), retrained/<method>-s<seed>/ (seed-0 models trained again
+for AutoAttack where the table's checkpoint was gone: other weights, so never averaged into the table) and
+pilots/*/ (the runs that chose the setting), and writes, between the doc's "<!-- generated: NAME -->" and
+"<!-- end: NAME -->" lines, the verdict's table (each method's clean accuracy against PGD-AT's, with the standard
+error of the difference, and its masked models), the table of every method (mean +- std over the seeds run, with
+n, and each seed's figures), the AutoAttacked models beside their own figures, the step sweep, the regime's
+measurements, and the pictures fashion-mnist-regime.png (clean against PGD-20, one point per run, one colour per
+method) and fashion-mnist-regime-epochs.png (per epoch).
 """
 import glob
 import json
@@ -23,6 +26,7 @@ METHODS = {"clean": "no attack (a clean WRN-16-2: the room for a gain)", "pgd-at
            "dynat-inner-warmup": "DYNAT-Inner, guide warm-up 1"}
 COLUMNS = ("clean", "pgd20", "cw20")
 STEPS = ("pgd10", "pgd20", "pgd40")
+RETRAINED = "retrained"  # seed-0 models trained again for AutoAttack where the table's checkpoint was gone
 MASKED = 20  # points of robust accuracy lost from PGD-10 to PGD-40 that call a model masked (the step sweep)
 
 
@@ -37,19 +41,22 @@ def complete(path):
     return results if results and results.get("complete") else None
 
 
-def runs():
-    """{method: [(seed, results or None, metrics rows)]}, in METHODS' order."""
+def runs(where="runs"):
+    """{method: [(seed, results or None, metrics rows)]}, in METHODS' order, from DIR/where/<method>-s<seed>/."""
     found = {}
-    for d in sorted(glob.glob(os.path.join(DIR, "runs", "*-s[0-9]*"))):
-        method, seed = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(d)).groups()
-        found.setdefault(method, []).append((int(seed), complete(os.path.join(d, "eval", "results.json")),
-                                             load(os.path.join(d, "metrics.jsonl"))))
+    for d in sorted(glob.glob(os.path.join(DIR, where, "*"))):
+        name = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(d))
+        if not os.path.isdir(d) or name is None or name[1] not in METHODS:
+            raise SystemExit(f"regime_report: {d}: a run's folder is named <method>-s<seed>, the method one of "
+                             f"{', '.join(METHODS)}")
+        found.setdefault(name[1], []).append((int(name[2]), complete(os.path.join(d, "eval", "results.json")),
+                                              load(os.path.join(d, "metrics.jsonl"))))
     return {m: sorted(found[m]) for m in METHODS if m in found}
 
 
-def extra(method, seed, name):
+def extra(method, seed, name, where="runs"):
     """A run's further evaluation (eval_steps500, eval_aa500) if it ran to its end, else None."""
-    return complete(os.path.join(DIR, "runs", f"{method}-s{seed}", name, "results.json"))
+    return complete(os.path.join(DIR, where, f"{method}-s{seed}", name, "results.json"))
 
 
 def mean_std(values):
@@ -58,13 +65,17 @@ def mean_std(values):
     return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
+def aa_text(results):
+    return f"{100 * results['accuracy']['aa']:.1f} (clean {100 * results['accuracy']['clean']:.1f})"
+
+
 def table(found):
     lines = ["| method | n | clean | PGD-20 | C&W-20 | per seed: clean / PGD-20 / C&W-20 | AutoAttack, seed 0 (500) "
              "| training, each: minutes (median seconds an epoch) |", "|---|---:|---:|---:|---:|---|---|---|"]
     for method, seeds in found.items():
         done = [(s, r) for s, r, _ in seeds if r is not None]
-        aa = extra(method, 0, "eval_aa500")
-        aa = f"{100 * aa['accuracy']['aa']:.1f} (clean {100 * aa['accuracy']['clean']:.1f})" if aa else "not yet"
+        aa, again = extra(method, 0, "eval_aa500"), extra(method, 0, "eval_aa500", RETRAINED)
+        aa = aa_text(aa) if aa else f"{aa_text(again)}, retrained †" if again else "not yet"
         acc = {c: [100 * r["accuracy"][c] for _, r in done] for c in COLUMNS}
         per_seed = "; ".join(f"s{s}: " + " / ".join(f"{100 * r['accuracy'][c]:.1f}" for c in COLUMNS) for s, r in done)
         # the sum counts a pause (a run stopped while speed is measured) in its epoch; the median does not
@@ -72,6 +83,27 @@ def table(found):
                             f"({statistics.median(row['seconds'] for row in rows):.0f})" for _, _, rows in seeds)
         lines.append(f"| {METHODS[method]} | {len(done)} | {mean_std(acc['clean'])} | {mean_std(acc['pgd20'])} | "
                      f"{mean_std(acc['cw20'])} | {per_seed or 'running'} | {aa} | {minutes} |")
+    if "retrained †" in "\n".join(lines):
+        lines.append("\n† of seed 0 trained again on another machine: other weights than the seed-0 figures beside "
+                     "it; that model's own clean, PGD-20 and C&W-20 are in the next table.")
+    return "\n".join(lines)
+
+
+def autoattack(found, retrained):
+    """Every model that has AutoAttack, beside its own figures: the table's seed 0, or seed 0 trained again."""
+    lines = ["| model | machine (metrics.jsonl) | clean / PGD-20 / C&W-20 (1,000) | PGD-10 − PGD-40 (500) | "
+             "AutoAttack (500) |", "|---|---|---|---:|---|"]
+    for where, runs_, label in (("runs", found, ""), (RETRAINED, retrained, ", retrained")):
+        for method, seeds in runs_.items():
+            for seed, results, rows in seeds:
+                aa = extra(method, seed, "eval_aa500", where)
+                if aa is None:
+                    continue
+                own = " / ".join(f"{100 * results['accuracy'][c]:.1f}" for c in COLUMNS) if results else "—"
+                sweep = extra(method, seed, "eval_steps500", where)
+                sweep = f"{100 * (sweep['accuracy']['pgd10'] - sweep['accuracy']['pgd40']):.1f}" if sweep else "—"
+                machine = ", ".join(sorted({r["machine"] for r in rows if r.get("machine")})) or "not recorded"
+                lines.append(f"| {METHODS[method]} s{seed}{label} | {machine} | {own} | {sweep} | {aa_text(aa)} |")
     return "\n".join(lines)
 
 
@@ -95,17 +127,18 @@ def verdict(found):
     return "\n".join(lines)
 
 
-def steps(found):
+def steps(found, retrained):
     """Robust accuracy against more steps of the same attack: a model robust only to the attack it trained with
     (gradient masking) falls as the steps grow."""
     lines = ["| run | clean | PGD-10 | PGD-20 | PGD-40 | PGD-10 − PGD-40 |", "|---|---:|---:|---:|---:|---:|"]
-    for method, seeds in found.items():
-        for seed, _, _ in seeds:
-            r = extra(method, seed, "eval_steps500")
-            if r:
-                acc = [100 * r["accuracy"][c] for c in ("clean", *STEPS)]
-                lines.append(f"| {METHODS[method]} s{seed} | " + " | ".join(f"{a:.1f}" for a in acc)
-                             + f" | {acc[1] - acc[-1]:.1f} |")
+    for where, runs_, label in (("runs", found, ""), (RETRAINED, retrained, ", retrained")):
+        for method, seeds in runs_.items():
+            for seed, _, _ in seeds:
+                r = extra(method, seed, "eval_steps500", where)
+                if r:
+                    acc = [100 * r["accuracy"][c] for c in ("clean", *STEPS)]
+                    lines.append(f"| {METHODS[method]} s{seed}{label} | " + " | ".join(f"{a:.1f}" for a in acc)
+                                 + f" | {acc[1] - acc[-1]:.1f} |")
     return "\n".join(lines)
 
 
@@ -178,10 +211,11 @@ def pictures(found):
 
 def main():
     """Everything from the files under DIR; DOC's generated sections rewritten, the rest of it left as it is."""
-    found = runs()
+    found, retrained = runs(), runs(RETRAINED) if os.path.isdir(os.path.join(DIR, RETRAINED)) else {}
     with open(DOC) as f:
         text = f.read()
-    for name, body in (("verdict", verdict(found)), ("table", table(found)), ("steps", steps(found)),
+    for name, body in (("verdict", verdict(found)), ("table", table(found)),
+                       ("autoattack", autoattack(found, retrained)), ("steps", steps(found, retrained)),
                        ("regime", regime(found))):
         text, count = re.subn(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)",
                               lambda m: m[1] + body + "\n" + m[2], text, flags=re.S)
