@@ -14,7 +14,8 @@ returned (every restart), AutoAttack's convention; so no column exceeds Clean.
   All            mean over the attack columns (the paper's "All", Table 1)
   Worst          per-example worst case: robust only if a point survives every attack run
 Writes to --out-dir: results.md (the table), results.json, per_example.npz (one bool per test image
-and attack) and autoattack_<attack>.json (AutoAttack's flags, saved after every batch). An
+and attack) and autoattack_<attack>.json (AutoAttack's flags, saved after every batch, and its robust count
+after each stage; results.json's aa_stages gives them as accuracies: what each stage took). An
 interrupted run continues with --resume: finished attacks are kept, AutoAttack goes on from its last
 batch, and since every attack is reseeded with --seed the numbers are those of an uninterrupted run.
 """
@@ -208,8 +209,12 @@ def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, de
                 state.update(robust=robust.tolist(), pending=pending.tolist())
                 runs.write_atomic(state_path, lambda f: json.dump(state, f), "w")
                 bar.update(len(batch))
-        state.update(done=state["done"] + [stage], pending=None)
+        # the robust count after each stage: how much each attack added (Square's share is the masking check's)
+        state.update(done=state["done"] + [stage], pending=None,
+                     robust_after={**state.get("robust_after", {}), stage: int(robust.sum())})
         runs.write_atomic(state_path, lambda f: json.dump(state, f), "w")
+        if name == "aa":
+            print(f"AA after {stage}: {int(robust.sum())}/{len(robust)} robust", flush=True)
         if name == "aa" and stage == "square" and robust_before - int(robust.sum()) > 0.002 * len(robust):
             # AutoAttack's check_square_sr: a black-box attack beating the gradient attacks.
             print(f"warning: Square broke {robust_before - int(robust.sum())} points that survived the gradient "
@@ -255,6 +260,10 @@ def save_outputs(out_dir, meta, masks, seconds, complete):
     runs.write_atomic(os.path.join(out_dir, "per_example.npz"), lambda f: np.savez(f, **arrays, worst=worst.numpy()), "wb")
     results = dict(meta, accuracy=accuracy, all=mean, worst=worst.double().mean().item(),
                    seconds={a: round(s, 3) for a, s in seconds.items()}, complete=complete)
+    if "aa" in masks and os.path.isfile(os.path.join(out_dir, "autoattack_aa.json")):
+        with open(os.path.join(out_dir, "autoattack_aa.json")) as f:  # AutoAttack's state: its count after each stage
+            after = json.load(f).get("robust_after", {})
+        results["aa_stages"] = {stage: after[stage] / meta["n"] for stage in AA_STAGES if stage in after}
     runs.write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(results, f, indent=1), "w")
     lines = table(meta, accuracy, mean, worst)
     header = (f"{meta['dataset']}, first {meta['n']} of {meta['n_test']} test images, {NORMS[meta['norm']]} eps = "

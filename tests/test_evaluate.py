@@ -258,6 +258,11 @@ def test_autoattack_interrupted_twice_gives_the_uninterrupted_flags(folder, caps
     assert rc == 0 and "| AA |" in out
     results, arrays = outputs(tmp_path)
     assert results["complete"] and arrays["aa"].tolist() == reference["aa"]
+    # the robust share after each stage, kept across both interruptions: APGD-CE's is the library's own
+    assert list(results["aa_stages"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert results["aa_stages"]["apgd-ce"] == sum(reference["apgd-ce"]) / 8
+    assert results["aa_stages"]["square"] == results["accuracy"]["aa"] == sum(reference["aa"]) / 8
+    assert f"AA after square: {sum(reference['aa'])}/8 robust" in out
     assert results["accuracy"]["aa"] == pytest.approx(np.mean(reference["aa"]))
 
 
