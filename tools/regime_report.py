@@ -26,6 +26,7 @@ METHODS = {"clean": "no attack (a clean WRN-16-2: the room for a gain)", "pgd-at
            "dynat-inner-warmup": "DYNAT-Inner, guide warm-up 1"}
 COLUMNS = ("clean", "pgd20", "cw20")
 STEPS = ("pgd10", "pgd20", "pgd40")
+AA_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 RETRAINED = "retrained"  # seed-0 models trained again for AutoAttack where the table's checkpoint was gone
 MASKED = 20  # points of robust accuracy lost from PGD-10 to PGD-40 that call a model masked (the step sweep)
 
@@ -89,10 +90,36 @@ def table(found):
     return "\n".join(lines)
 
 
+def aa_stages(where, method, seed, results):
+    """AutoAttack's accuracy (%) after each of its stages: results.json's aa_stages (evaluate.py from 5718708 on),
+    else the counts a watcher polled from evaluate.py's state file into stages.txt, else None."""
+    if results.get("aa_stages"):
+        return [100 * results["aa_stages"].get(stage, float("nan")) for stage in AA_STAGES]
+    path = os.path.join(DIR, where, f"{method}-s{seed}", "eval_aa500", "stages.txt")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        counts = {done.split(",")[-1]: int(robust) for done, robust in re.findall(r"done=\[([a-z,-]+)\] robust=(\d+)",
+                                                                                 f.read())}
+    counts["square"] = results["accuracy"]["aa"] * results["n"]
+    return [100 * counts.get(stage, float("nan")) / results["n"] for stage in AA_STAGES]
+
+
+def square_broke(where, method, seed, results):
+    """The points (%) Square took after the gradient stages, from the warning evaluate.py prints past AutoAttack's
+    0.2 % (its log.txt beside results.json); "—" without a log."""
+    path = os.path.join(DIR, where, f"{method}-s{seed}", "eval_aa500", "log.txt")
+    if not os.path.isfile(path):
+        return "—"
+    with open(path) as f:
+        broke = re.search(r"Square broke (\d+) points", f.read())
+    return f"{100 * int(broke[1]) / results['n']:.1f}" if broke else "≤ 0.2 (no warning)"
+
+
 def autoattack(found, retrained):
     """Every model that has AutoAttack, beside its own figures: the table's seed 0, or seed 0 trained again."""
     lines = ["| model | machine (metrics.jsonl) | clean / PGD-20 / C&W-20 (1,000) | PGD-10 − PGD-40 (500) | "
-             "AutoAttack (500) |", "|---|---|---|---:|---|"]
+             "AutoAttack (500) | after APGD-CE / APGD-T / FAB-T / Square | Square took |", "|---|---|---|---:|---|---|---:|"]
     for where, runs_, label in (("runs", found, ""), (RETRAINED, retrained, ", retrained")):
         for method, seeds in runs_.items():
             for seed, results, rows in seeds:
@@ -103,7 +130,11 @@ def autoattack(found, retrained):
                 sweep = extra(method, seed, "eval_steps500", where)
                 sweep = f"{100 * (sweep['accuracy']['pgd10'] - sweep['accuracy']['pgd40']):.1f}" if sweep else "—"
                 machine = ", ".join(sorted({r["machine"] for r in rows if r.get("machine")})) or "not recorded"
-                lines.append(f"| {METHODS[method]} s{seed}{label} | {machine} | {own} | {sweep} | {aa_text(aa)} |")
+                after = aa_stages(where, method, seed, aa)
+                square = f"{after[2] - after[3]:.1f}" if after else square_broke(where, method, seed, aa)
+                after = " / ".join(f"{a:.1f}" for a in after) if after else "not recorded"
+                lines.append(f"| {METHODS[method]} s{seed}{label} | {machine} | {own} | {sweep} | {aa_text(aa)} | "
+                             f"{after} | {square} |")
     return "\n".join(lines)
 
 
