@@ -175,11 +175,12 @@ def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, de
     exactly where it stopped. (pyautoattack 0.2.0's own state file cannot be resumed: it stores the
     attack set as a str() it then fails to match, and a restored run crashes on an unset y_adv.)
     progress(total, desc) makes one bar per stage, whose total (the points it attacks) is known."""
-    state = {"done": [], "pending": None, "robust": robust.tolist()}
-    if os.path.isfile(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
-    robust = torch.tensor(state["robust"])
+    state = aa_state(state_path) or {"done": [], "pending": None, "robust": robust.tolist()}
+    robust, started, earlier = torch.tensor(state["robust"]), time.time(), state.get("seconds", 0.0)
+
+    def save(**changes):  # with the seconds so far, an interrupted process's included
+        state.update(changes, seconds=earlier + time.time() - started)
+        runs.write_atomic(state_path, lambda f: json.dump(state, f), "w")
     aa = pyautoattack.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=epsilon, version="standard",
                                  seed=seed, device=device)
     # The standard 9 target classes need 10 classes; with fewer, APGD-T/FAB-T would index past the logits.
@@ -197,7 +198,9 @@ def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, de
         aa.attacks_to_run = [stage]
         pending = (robust.nonzero().squeeze(1) if state["pending"] is None
                    else torch.tensor(state["pending"], dtype=torch.long))
-        robust_before = int(robust.sum())
+        # the count when the stage began, recorded by the process that began it where it was interrupted
+        robust_before = state.get("robust_after", {}).get(stages[number - 2]) if number > 1 else None
+        robust_before = int(robust.sum()) if robust_before is None else robust_before
         with progress(len(pending), f"{column(name)} {number}/{len(stages)} {stage}") as bar:
             while len(pending):
                 batch, pending = pending[:batch_size], pending[batch_size:]
@@ -206,13 +209,11 @@ def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, de
                 x_batch = data.to_input(x[batch], device)
                 _, y_adv = aa.run_standard_evaluation(x_batch, y_batch, batch_size=len(batch))
                 robust[batch] = (y_adv == y_batch).cpu()
-                state.update(robust=robust.tolist(), pending=pending.tolist())
-                runs.write_atomic(state_path, lambda f: json.dump(state, f), "w")
+                save(robust=robust.tolist(), pending=pending.tolist())
                 bar.update(len(batch))
         # the robust count after each stage: how much each attack added (Square's share is the masking check's)
-        state.update(done=state["done"] + [stage], pending=None,
-                     robust_after={**state.get("robust_after", {}), stage: int(robust.sum())})
-        runs.write_atomic(state_path, lambda f: json.dump(state, f), "w")
+        save(done=state["done"] + [stage], pending=None,
+             robust_after={**state.get("robust_after", {}), stage: int(robust.sum())})
         if name == "aa":
             print(f"AA after {stage}: {int(robust.sum())}/{len(robust)} robust", flush=True)
         if name == "aa" and stage == "square" and robust_before - int(robust.sum()) > 0.002 * len(robust):
@@ -220,6 +221,15 @@ def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, de
             print(f"warning: Square broke {robust_before - int(robust.sum())} points that survived the gradient "
                   "attacks: gradient masking? (the AA number may overstate robustness)", file=sys.stderr)
     return robust
+
+
+def aa_state(path):
+    """AutoAttack's saved state (its flags, the stages done, the robust count after each, the seconds so far),
+    or None where there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -260,10 +270,10 @@ def save_outputs(out_dir, meta, masks, seconds, complete):
     runs.write_atomic(os.path.join(out_dir, "per_example.npz"), lambda f: np.savez(f, **arrays, worst=worst.numpy()), "wb")
     results = dict(meta, accuracy=accuracy, all=mean, worst=worst.double().mean().item(),
                    seconds={a: round(s, 3) for a, s in seconds.items()}, complete=complete)
-    if "aa" in masks and os.path.isfile(os.path.join(out_dir, "autoattack_aa.json")):
-        with open(os.path.join(out_dir, "autoattack_aa.json")) as f:  # AutoAttack's state: its count after each stage
-            after = json.load(f).get("robust_after", {})
-        results["aa_stages"] = {stage: after[stage] / meta["n"] for stage in AA_STAGES if stage in after}
+    after = (aa_state(os.path.join(out_dir, "autoattack_aa.json")) or {}).get("robust_after", {})
+    after = after if "aa" in masks else {}
+    if all(stage in after for stage in AA_STAGES):  # not where a state from before they were kept was resumed
+        results["aa_stages"] = {stage: after[stage] / meta["n"] for stage in AA_STAGES}
     runs.write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(results, f, indent=1), "w")
     lines = table(meta, accuracy, mean, worst)
     header = (f"{meta['dataset']}, first {meta['n']} of {meta['n_test']} test images, {NORMS[meta['norm']]} eps = "
@@ -445,11 +455,14 @@ def run(args, stack):
     for name in attacks:
         if name in done:
             continue
+        # an AutoAttack resumed here: the seconds its interrupted processes spent count too
+        earlier = (aa_state(os.path.join(out_dir, f"autoattack_{name}.json")) or {}).get("seconds", 0.0)
         t0 = time.time()
         masks[name] = attack(name, model, x, y, masks["clean"], args, out_dir, progress, amp=amp, classes=classes,
                              **common) & masks["clean"]
-        seconds[name] = time.time() - t0
-        log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% ({seconds[name]:.1f} s)")
+        seconds[name] = earlier + time.time() - t0
+        log(f"{column(name)}: {100 * masks[name].float().mean().item():.2f}% ({seconds[name]:.1f} s"
+            + (f", {earlier:.1f} of them before the resume)" if earlier else ")"))
         save_outputs(out_dir, meta, masks, seconds, complete=False)
     header, lines = save_outputs(out_dir, meta, masks, seconds, complete=True)
     log("\n" + header + "\n" + "\n".join(lines))

@@ -3,11 +3,14 @@
 Fast on a CPU: a wrn-10-1 on 8x8 images of 4 classes (a bright quadrant per class) whose last
 layer is fitted to the test images, so that it is accurate clean and breaks gradually with epsilon.
 """
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+import types
 
 import numpy as np
 import pyautoattack
@@ -251,19 +254,57 @@ def test_autoattack_interrupted_twice_gives_the_uninterrupted_flags(folder, caps
     with monkeypatch.context() as m:
         calls = count_calls(m, untargeted)
         count_calls(m, targeted, interrupt_at=1)
-        assert run_eval(capsys, *common, "--out-dir", tmp_path, "--resume")[0] == 130
+        rc, out, _ = run_eval(capsys, *common, "--out-dir", tmp_path, "--resume")
+    assert rc == 130 and f"AA after apgd-ce: {sum(reference['apgd-ce'])}/8 robust" in out  # printed as it ended
     assert len(calls) == 2  # APGD-CE went on with the two batches left, not from the start
     assert state()["done"] == ["apgd-ce"] and state()["robust"] == reference["apgd-ce"]
+    # the seconds the interrupted processes spent count in AA's: say they were 1,000 (the file as it is, else)
+    assert state()["seconds"] > 0
+    (tmp_path / "autoattack_aa.json").write_text(json.dumps(dict(state(), seconds=1000.0)))
+    started = time.time()
     rc, out, _ = run_eval(capsys, *common, "--out-dir", tmp_path, "--resume")
-    assert rc == 0 and "| AA |" in out
+    assert rc == 0 and "| AA |" in out and "1000.0 of them before the resume" in out
     results, arrays = outputs(tmp_path)
     assert results["complete"] and arrays["aa"].tolist() == reference["aa"]
-    # the robust share after each stage, kept across both interruptions: APGD-CE's is the library's own
-    assert list(results["aa_stages"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert results["aa_stages"]["apgd-ce"] == sum(reference["apgd-ce"]) / 8
-    assert results["aa_stages"]["square"] == results["accuracy"]["aa"] == sum(reference["aa"]) / 8
-    assert f"AA after square: {sum(reference['aa'])}/8 robust" in out
+    assert 1000 < results["seconds"]["aa"] < 1000 + time.time() - started
+    # the robust share after each stage, kept across both interruptions: APGD-CE's is the library's own, and
+    # APGD-T broke the last point (so the later stages had nothing to attack)
+    after = {"apgd-ce": sum(reference["apgd-ce"]) / 8, **dict.fromkeys(["apgd-t", "fab-t", "square"], 0.0)}
+    assert sum(reference["aa"]) == 0 and results["aa_stages"] == after and list(results["aa_stages"]) == list(after)
+    assert "AA after square: 0/8 robust" in out
     assert results["accuracy"]["aa"] == pytest.approx(np.mean(reference["aa"]))
+
+
+def test_autoattack_resumed_in_square_counts_what_square_took_before_the_interruption(folder, capsys, tmp_path):
+    """Square's masking warning compares with the count after FAB-T as recorded, not with the count when a resumed
+    process started; resuming a state from before the per-stage counts were kept, results.json has no aa_stages."""
+    x, y = folder["x"][:8], folder["y"][:8]
+    robust = [True] * 4 + [False] * 4  # where the interrupted process left Square: all its batches done
+    path = tmp_path / "autoattack_aa.json"
+    for after, warned in (({"apgd-ce": 7, "apgd-t": 6, "fab-t": 6}, True), ({"apgd-ce": 7, "apgd-t": 6, "fab-t": 4},
+                                                                             False)):
+        path.write_text(json.dumps({"done": ["apgd-ce", "apgd-t", "fab-t"], "pending": [], "robust": robust,
+                                    "robust_after": after, "seconds": 5.0}))
+        flags = evaluate.autoattack(folder["model"], x, y, torch.ones(8, dtype=torch.bool), "aa", norm="linf",
+                                    epsilon=2 / 255, seed=0, batch_size=8, device="cpu", classes=4, state_path=path,
+                                    progress=lambda total, desc: contextlib.nullcontext(types.SimpleNamespace(
+                                        update=lambda k: None)))
+        assert flags.tolist() == robust
+        assert ("Square broke 2 points" in capsys.readouterr().err) == warned
+        assert evaluate.aa_state(path)["robust_after"]["square"] == 4 and evaluate.aa_state(path)["seconds"] >= 5
+    # A state without the counts (written before they were kept), resumed to the end: no partial aa_stages
+    ckpt = [folder["ckpt"], "--epsilon", "5/255", "--n", "8", "--batch-size", "3", "--attacks", "aa"]
+    out_dir = tmp_path / "eval"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pyautoattack.autopgd_base.APGDAttack_targeted, "perturb",
+                  lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert run_eval(capsys, *ckpt, "--out-dir", out_dir)[0] == 130
+    state = json.loads((out_dir / "autoattack_aa.json").read_text())
+    assert state["done"] == ["apgd-ce"]
+    del state["robust_after"]
+    (out_dir / "autoattack_aa.json").write_text(json.dumps(state))
+    assert run_eval(capsys, *ckpt, "--out-dir", out_dir, "--resume")[0] == 0
+    assert "aa_stages" not in outputs(out_dir)[0]
 
 
 def test_resume_keeps_finished_attacks_and_checks_settings(folder, capsys, tmp_path, monkeypatch):
