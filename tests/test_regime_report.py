@@ -18,7 +18,7 @@ def write_run(folder, accuracy, epochs=4, agreement=0.9, machine=None):
              "target_clean_acc": 0.7, "target_pgd_acc": 0.6, "machine": machine} for e in range(1, epochs + 1)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "args.json").write_text(json.dumps({"num_steps": 10}))
-    (folder / "eval" / "results.json").write_text(json.dumps({"complete": True, "accuracy": accuracy}))
+    (folder / "eval" / "results.json").write_text(json.dumps({"complete": True, "n": 1000, "accuracy": accuracy}))
 
 
 def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tmp_path, monkeypatch):
@@ -33,7 +33,7 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     for run, name, results in (("pgd-at-s0", "eval_aa500", {"complete": True, "n": 500, "accuracy": {
                                    "clean": 0.7, "aa": 0.55}}),
                                ("pgd-at-s1", "eval_aa500", {"complete": True, "n": 500, "accuracy": {
-                                   "clean": 0.72, "aa": 0.57}}),
+                                   "clean": 0.72, "aa": 0.57}, "aa_stages": {"square": 0.57}}),  # partial: ignored
                                ("dynat-inner-s0", "eval_aa500", {"complete": False, "accuracy": {"clean": 0.7}}),
                                ("dynat-inner-s0", "eval_steps500", {"complete": True, "accuracy": {
                                    "clean": 0.76, "pgd10": 0.6, "pgd20": 0.4, "pgd40": 0.3}})):
@@ -43,14 +43,16 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     # for seed 1, only the warning in its log
     (folder / "runs" / "pgd-at-s0" / "eval_aa500" / "stages.txt").write_text(
         "2026-12-06T00:14:05Z done=[apgd-ce] robust=300 pending 0\n2026-12-06T00:39:08Z done=[apgd-ce,apgd-t] "
-        "robust=290 pending 0\n2026-12-06T01:03:49Z done=[apgd-ce,apgd-t,fab-t] robust=285 pending 0\n")
+        "robust=290 pending 0\n2026-12-06T01:03:49Z done=[apgd-ce,apgd-t,fab-t] robust=285 pending 0\n"
+        "2026-12-06T01:04:09Z done=[apgd-ce,apgd-t,fab-t] robust=281 pending 53\n")
     (folder / "runs" / "pgd-at-s1" / "eval_aa500" / "log.txt").write_text(
         "AA: 57.00%\nwarning: Square broke 4 points that survived the gradient attacks: gradient masking?\n")
     # seed 0 of TRADES trained again elsewhere for its AutoAttack: other weights, so not in TRADES's row's figures
     write_run(folder / "retrained" / "trades-s0", {"clean": 0.80, "pgd20": 0.50, "cw20": 0.49}, machine="Xeon, 1 thread")
     for name, results in (("eval_aa500", {"complete": True, "n": 100, "accuracy": {"clean": 0.81, "aa": 0.42},
+                                          "machine": "Xeon, 1 thread",
                                           "aa_stages": {"apgd-ce": 0.5, "apgd-t": 0.45, "fab-t": 0.45, "square": 0.42}}),
-                          ("eval_steps500", {"complete": True, "accuracy": {
+                          ("eval_steps500", {"complete": True, "n": 500, "accuracy": {
                               "clean": 0.81, "pgd10": 0.52, "pgd20": 0.5, "pgd40": 0.45}})):
         os.makedirs(folder / "retrained" / "trades-s0" / name)
         (folder / "retrained" / "trades-s0" / name / "results.json").write_text(json.dumps(results))
@@ -72,14 +74,15 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     # TRADES's seed 0 has no results yet; its retrained model's AutoAttack is shown, marked, and its own figures
     # sit beside it in the AutoAttack table, not in TRADES's mean
     assert "| TRADES (β = 6) | 0 | — | — | — | running | 42.0 (clean 81.0), retrained † | 1 (60) |" in text
-    assert "† of seed 0 trained again on another machine" in text
+    assert "† AutoAttack of seed 0 trained again (retrained/)" in text
     # each with the accuracy after each AutoAttack stage and what Square took after the gradient stages: from
     # results.json's aa_stages, else stages.txt, else (Square's share only) the warning in log.txt
-    assert ("| TRADES (β = 6) s0, retrained | Xeon, 1 thread | 80.0 / 50.0 / 49.0 | 7.0 | 42.0 (clean 81.0) | "
-            "50.0 / 45.0 / 45.0 / 42.0 | 3.0 |") in text
-    assert ("| PGD-AT s0 | not recorded | 70.0 / 60.0 / 58.0 | — | 55.0 (clean 70.0) | 60.0 / 58.0 / 57.0 / 55.0 | "
-            "2.0 |") in text
-    assert "| PGD-AT s1 | not recorded | 72.0 / 62.0 / 60.0 | — | 57.0 (clean 72.0) | not recorded | 0.8 |" in text
+    assert ("| TRADES (β = 6) s0, retrained | Xeon, 1 thread | Xeon, 1 thread | 80.0 / 50.0 / 49.0 (1,000) | 7.0 (500) "
+            "| 42.0 (81.0; 100) | 50.0 / 45.0 / 45.0 / 42.0 | 3.0 |") in text
+    assert ("| PGD-AT s0 | not recorded | not recorded | 70.0 / 60.0 / 58.0 (1,000) | — | 55.0 (70.0; 500) | "
+            "60.0 / 58.0 / 57.0 / 55.0 | 2.0 |") in text  # FAB-T's line polled mid-Square (pending 53) is not FAB-T's
+    assert ("| PGD-AT s1 | not recorded | not recorded | 72.0 / 62.0 / 60.0 (1,000) | — | 57.0 (72.0; 500) | "
+            "not recorded | 0.8 |") in text
     assert "| DYNAT-Inner s0 | not recorded" not in text  # its AutoAttack never completed
     assert "| TRADES (β = 6) s0, retrained | 81.0 | 52.0 | 50.0 | 45.0 | 7.0 |" in text  # its step sweep
     assert "| DYNAT-Inner s0 | 76.0 | 60.0 | 40.0 | 30.0 | 30.0 |" in text and "| PGD-AT s0 | 70.0 |" not in text  # steps
@@ -89,7 +92,13 @@ def test_the_table_gives_mean_std_and_n_per_method_and_the_pictures_are_drawn(tm
     assert (doc.parent / "fashion-mnist-regime-epochs.png").stat().st_size > 1000
     regime_report.main()  # again: the generated sections are replaced, not repeated
     assert doc.read_text() == text
-    os.makedirs(folder / "retrained" / "trades-s0-xeon")  # a folder the report cannot place: refused by name
+    (folder / "runs" / "README.md").write_text("a note beside the runs: not a run")  # a file: passed over
+    regime_report.main()
+    assert doc.read_text() == text
+    os.makedirs(folder / "retrained" / "trades-s0-xeon")  # folders the report cannot place: refused by name
     with pytest.raises(SystemExit, match="trades-s0-xeon: a run's folder is named <method>-s<seed>"):
+        regime_report.main()
+    os.rename(folder / "retrained" / "trades-s0-xeon", folder / "retrained" / "dynat-s0")
+    with pytest.raises(SystemExit, match="dynat-s0 has no metrics.jsonl"):
         regime_report.main()
     assert doc.read_text() == text

@@ -45,11 +45,13 @@ def complete(path):
 def runs(where="runs"):
     """{method: [(seed, results or None, metrics rows)]}, in METHODS' order, from DIR/where/<method>-s<seed>/."""
     found = {}
-    for d in sorted(glob.glob(os.path.join(DIR, where, "*"))):
+    for d in sorted(d for d in glob.glob(os.path.join(DIR, where, "*")) if os.path.isdir(d)):
         name = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(d))
-        if not os.path.isdir(d) or name is None or name[1] not in METHODS:
+        if name is None or name[1] not in METHODS:
             raise SystemExit(f"regime_report: {d}: a run's folder is named <method>-s<seed>, the method one of "
                              f"{', '.join(METHODS)}")
+        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+            raise SystemExit(f"regime_report: {d} has no metrics.jsonl: copy the run's, or move the folder away")
         found.setdefault(name[1], []).append((int(name[2]), complete(os.path.join(d, "eval", "results.json")),
                                               load(os.path.join(d, "metrics.jsonl"))))
     return {m: sorted(found[m]) for m in METHODS if m in found}
@@ -85,21 +87,21 @@ def table(found):
         lines.append(f"| {METHODS[method]} | {len(done)} | {mean_std(acc['clean'])} | {mean_std(acc['pgd20'])} | "
                      f"{mean_std(acc['cw20'])} | {per_seed or 'running'} | {aa} | {minutes} |")
     if "retrained †" in "\n".join(lines):
-        lines.append("\n† of seed 0 trained again on another machine: other weights than the seed-0 figures beside "
-                     "it; that model's own clean, PGD-20 and C&W-20 are in the next table.")
+        lines.append("\n† AutoAttack of seed 0 trained again (retrained/): other weights than the seed-0 figures "
+                     "beside it; that model's own clean, PGD-20 and C&W-20 are in the next table.")
     return "\n".join(lines)
 
 
 def aa_stages(where, method, seed, results):
     """AutoAttack's accuracy (%) after each of its stages: results.json's aa_stages (evaluate.py from 5718708 on),
     else the counts a watcher polled from evaluate.py's state file into stages.txt, else None."""
-    if results.get("aa_stages"):
+    if set(results.get("aa_stages", ())) == set(AA_STAGES):
         return [100 * results["aa_stages"].get(stage, float("nan")) for stage in AA_STAGES]
     path = os.path.join(DIR, where, f"{method}-s{seed}", "eval_aa500", "stages.txt")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        counts = {done.split(",")[-1]: int(robust) for done, robust in re.findall(r"done=\[([a-z,-]+)\] robust=(\d+)",
+        counts = {done.split(",")[-1]: int(robust) for done, robust in re.findall(r"done=\[([a-z,-]+)\] robust=(\d+) pending 0\n",
                                                                                  f.read())}
     counts["square"] = results["accuracy"]["aa"] * results["n"]
     return [100 * counts.get(stage, float("nan")) / results["n"] for stage in AA_STAGES]
@@ -107,34 +109,38 @@ def aa_stages(where, method, seed, results):
 
 def square_broke(where, method, seed, results):
     """The points (%) Square took after the gradient stages, from the warning evaluate.py prints past AutoAttack's
-    0.2 % (its log.txt beside results.json); "—" without a log."""
+    0.2 % of n, on stderr: the log.txt beside results.json holds both streams); "—" without a log."""
     path = os.path.join(DIR, where, f"{method}-s{seed}", "eval_aa500", "log.txt")
     if not os.path.isfile(path):
         return "—"
     with open(path) as f:
         broke = re.search(r"Square broke (\d+) points", f.read())
-    return f"{100 * int(broke[1]) / results['n']:.1f}" if broke else "≤ 0.2 (no warning)"
+    return f"{100 * int(broke[1]) / results['n']:.1f}" if broke else "≤ 0.2 (no warning in log.txt)"
 
 
 def autoattack(found, retrained):
     """Every model that has AutoAttack, beside its own figures: the table's seed 0, or seed 0 trained again."""
-    lines = ["| model | machine (metrics.jsonl) | clean / PGD-20 / C&W-20 (1,000) | PGD-10 − PGD-40 (500) | "
-             "AutoAttack (500) | after APGD-CE / APGD-T / FAB-T / Square | Square took |", "|---|---|---|---:|---|---|---:|"]
+    lines = ["| model | trained on | AutoAttack on | clean / PGD-20 / C&W-20 (images) | PGD-10 − PGD-40 (images) | "
+             "AutoAttack (clean; images) | after APGD-CE / APGD-T / FAB-T / Square | Square took |",
+             "|---|---|---|---|---:|---|---|---:|"]
     for where, runs_, label in (("runs", found, ""), (RETRAINED, retrained, ", retrained")):
         for method, seeds in runs_.items():
             for seed, results, rows in seeds:
                 aa = extra(method, seed, "eval_aa500", where)
                 if aa is None:
                     continue
-                own = " / ".join(f"{100 * results['accuracy'][c]:.1f}" for c in COLUMNS) if results else "—"
+                own = (" / ".join(f"{100 * results['accuracy'][c]:.1f}" for c in COLUMNS) + f" ({results['n']:,})"
+                       if results else "—")
                 sweep = extra(method, seed, "eval_steps500", where)
-                sweep = f"{100 * (sweep['accuracy']['pgd10'] - sweep['accuracy']['pgd40']):.1f}" if sweep else "—"
+                sweep = (f"{100 * (sweep['accuracy']['pgd10'] - sweep['accuracy']['pgd40']):.1f} ({sweep['n']:,})"
+                         if sweep else "—")
                 machine = ", ".join(sorted({r["machine"] for r in rows if r.get("machine")})) or "not recorded"
                 after = aa_stages(where, method, seed, aa)
                 square = f"{after[2] - after[3]:.1f}" if after else square_broke(where, method, seed, aa)
                 after = " / ".join(f"{a:.1f}" for a in after) if after else "not recorded"
-                lines.append(f"| {METHODS[method]} s{seed}{label} | {machine} | {own} | {sweep} | {aa_text(aa)} | "
-                             f"{after} | {square} |")
+                lines.append(f"| {METHODS[method]} s{seed}{label} | {machine} | {aa.get('machine', 'not recorded')} | "
+                             f"{own} | {sweep} | {100 * aa['accuracy']['aa']:.1f} ({100 * aa['accuracy']['clean']:.1f}; "
+                             f"{aa['n']:,}) | {after} | {square} |")
     return "\n".join(lines)
 
 
