@@ -190,36 +190,40 @@ def autoattack(model, x, y, robust, name, *, norm, epsilon, seed, batch_size, de
         aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 1
         aa.square.n_queries = 10
     stages = AA_STAGES if name == "aa" else [name]
-    for number, stage in enumerate(stages, 1):
-        if stage in state["done"]:
-            continue
-        # One stage with the "standard" settings, as the library's run_standard_evaluation_individual
-        # does (version="custom" would give APGD-CE 5 restarts instead of 1).
-        aa.attacks_to_run = [stage]
-        pending = (robust.nonzero().squeeze(1) if state["pending"] is None
-                   else torch.tensor(state["pending"], dtype=torch.long))
-        # the count when the stage began, recorded by the process that began it where it was interrupted
-        robust_before = state.get("robust_after", {}).get(stages[number - 2]) if number > 1 else None
-        robust_before = int(robust.sum()) if robust_before is None else robust_before
-        with progress(len(pending), f"{column(name)} {number}/{len(stages)} {stage}") as bar:
-            while len(pending):
-                batch, pending = pending[:batch_size], pending[batch_size:]
-                y_batch = y[batch].to(device)
-                # y_adv: predictions on x_adv, the clean point where the stage found nothing.
-                x_batch = data.to_input(x[batch], device)
-                _, y_adv = aa.run_standard_evaluation(x_batch, y_batch, batch_size=len(batch))
-                robust[batch] = (y_adv == y_batch).cpu()
-                save(robust=robust.tolist(), pending=pending.tolist())
-                bar.update(len(batch))
-        # the robust count after each stage: how much each attack added (Square's share is the masking check's)
-        save(done=state["done"] + [stage], pending=None,
-             robust_after={**state.get("robust_after", {}), stage: int(robust.sum())})
-        if name == "aa":
-            print(f"AA after {stage}: {int(robust.sum())}/{len(robust)} robust", flush=True)
-        if name == "aa" and stage == "square" and robust_before - int(robust.sum()) > 0.002 * len(robust):
-            # AutoAttack's check_square_sr: a black-box attack beating the gradient attacks.
-            print(f"warning: Square broke {robust_before - int(robust.sum())} points that survived the gradient "
-                  "attacks: gradient masking? (the AA number may overstate robustness)", file=sys.stderr)
+    try:
+        for number, stage in enumerate(stages, 1):
+            if stage in state["done"]:
+                continue
+            # One stage with the "standard" settings, as the library's run_standard_evaluation_individual
+            # does (version="custom" would give APGD-CE 5 restarts instead of 1).
+            aa.attacks_to_run = [stage]
+            pending = (robust.nonzero().squeeze(1) if state["pending"] is None
+                       else torch.tensor(state["pending"], dtype=torch.long))
+            # the count when the stage began, recorded by the process that began it where it was interrupted
+            robust_before = state.get("robust_after", {}).get(stages[number - 2]) if number > 1 else None
+            robust_before = int(robust.sum()) if robust_before is None else robust_before
+            with progress(len(pending), f"{column(name)} {number}/{len(stages)} {stage}") as bar:
+                while len(pending):
+                    batch, pending = pending[:batch_size], pending[batch_size:]
+                    y_batch = y[batch].to(device)
+                    # y_adv: predictions on x_adv, the clean point where the stage found nothing.
+                    x_batch = data.to_input(x[batch], device)
+                    _, y_adv = aa.run_standard_evaluation(x_batch, y_batch, batch_size=len(batch))
+                    robust[batch] = (y_adv == y_batch).cpu()
+                    save(robust=robust.tolist(), pending=pending.tolist())
+                    bar.update(len(batch))
+            # the robust count after each stage: how much each attack added (Square's share is the masking check's)
+            save(done=state["done"] + [stage], pending=None,
+                 robust_after={**state.get("robust_after", {}), stage: int(robust.sum())})
+            if name == "aa":
+                print(f"AA after {stage}: {int(robust.sum())}/{len(robust)} robust", flush=True)
+            if name == "aa" and stage == "square" and robust_before - int(robust.sum()) > 0.002 * len(robust):
+                # AutoAttack's check_square_sr: a black-box attack beating the gradient attacks.
+                print(f"warning: Square broke {robust_before - int(robust.sum())} points that survived the gradient "
+                      "attacks: gradient masking? (the AA number may overstate robustness)", file=sys.stderr)
+    except BaseException:  # stopped or failed: the seconds since its last batch count in a resumed run's too
+        save()
+        raise
     return robust
 
 

@@ -230,13 +230,14 @@ def test_autoattack_interrupted_twice_gives_the_uninterrupted_flags(folder, caps
         reference[name] = (adversary.run_standard_evaluation(x, y, batch_size=3)[1] == y).tolist()
     assert 0 < sum(reference["apgd-ce"]) < 8  # not degenerate
 
-    def count_calls(m, cls, interrupt_at=None):
-        """Patch cls.perturb to count its calls (one per batch) and raise KeyboardInterrupt at one."""
+    def count_calls(m, cls, interrupt_at=None, after=0.0):
+        """Patch cls.perturb to count its calls (one per batch) and raise KeyboardInterrupt at one, `after` s into it."""
         real, calls = cls.perturb, []
 
         def perturb(*args, **kwargs):
             calls.append(1)
             if len(calls) == interrupt_at:
+                time.sleep(after)
                 raise KeyboardInterrupt
             return real(*args, **kwargs)
         m.setattr(cls, "perturb", perturb)
@@ -247,10 +248,11 @@ def test_autoattack_interrupted_twice_gives_the_uninterrupted_flags(folder, caps
             return json.load(f)
     untargeted, targeted = pyautoattack.autopgd_base.APGDAttack, pyautoattack.autopgd_base.APGDAttack_targeted
     with monkeypatch.context() as m:
-        count_calls(m, untargeted, interrupt_at=2)
+        count_calls(m, untargeted, interrupt_at=2, after=1.5)
         rc, _, err = run_eval(capsys, *common, "--out-dir", tmp_path)
     assert rc == 130 and "--resume" in err
     assert state()["done"] == [] and len(state()["pending"]) == 5  # the first batch of 3 is done
+    assert state()["seconds"] >= 1.5  # and the seconds of the batch it was stopped in are kept
     with monkeypatch.context() as m:
         calls = count_calls(m, untargeted)
         count_calls(m, targeted, interrupt_at=1)
