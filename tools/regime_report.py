@@ -57,9 +57,21 @@ def runs(where="runs"):
     return {m: sorted(found[m]) for m in METHODS if m in found}
 
 
+def run_file(where, method, seed, *parts):
+    return os.path.join(DIR, where, f"{method}-s{seed}", *parts)
+
+
 def extra(method, seed, name, where="runs"):
     """A run's further evaluation (eval_steps500, eval_aa500) if it ran to its end, else None."""
-    return complete(os.path.join(DIR, where, f"{method}-s{seed}", name, "results.json"))
+    return complete(run_file(where, method, seed, name, "results.json"))
+
+
+def every_run(found, retrained):
+    """(where, label, method, seed, results, metrics rows) of the table's runs, then of the retrained ones."""
+    for where, runs_, label in (("runs", found, ""), (RETRAINED, retrained, ", retrained")):
+        for method, seeds in runs_.items():
+            for seed, results, rows in seeds:
+                yield where, label, method, seed, results, rows
 
 
 def mean_std(values):
@@ -75,9 +87,11 @@ def aa_text(results):
 def table(found):
     lines = ["| method | n | clean | PGD-20 | C&W-20 | per seed: clean / PGD-20 / C&W-20 | AutoAttack, seed 0 (500) "
              "| training, each: minutes (median seconds an epoch) |", "|---|---:|---:|---:|---:|---|---|---|"]
+    retrained_aa = False
     for method, seeds in found.items():
         done = [(s, r) for s, r, _ in seeds if r is not None]
         aa, again = extra(method, 0, "eval_aa500"), extra(method, 0, "eval_aa500", RETRAINED)
+        retrained_aa = retrained_aa or (not aa and again)
         aa = aa_text(aa) if aa else f"{aa_text(again)}, retrained †" if again else "not yet"
         acc = {c: [100 * r["accuracy"][c] for _, r in done] for c in COLUMNS}
         per_seed = "; ".join(f"s{s}: " + " / ".join(f"{100 * r['accuracy'][c]:.1f}" for c in COLUMNS) for s, r in done)
@@ -86,7 +100,7 @@ def table(found):
                             f"({statistics.median(row['seconds'] for row in rows):.0f})" for _, _, rows in seeds)
         lines.append(f"| {METHODS[method]} | {len(done)} | {mean_std(acc['clean'])} | {mean_std(acc['pgd20'])} | "
                      f"{mean_std(acc['cw20'])} | {per_seed or 'running'} | {aa} | {minutes} |")
-    if "retrained †" in "\n".join(lines):
+    if retrained_aa:
         lines.append("\n† AutoAttack of seed 0 trained again (retrained/): other weights than the seed-0 figures "
                      "beside it; that model's own clean, PGD-20 and C&W-20 are in the next table.")
     return "\n".join(lines)
@@ -96,13 +110,13 @@ def aa_stages(where, method, seed, results):
     """AutoAttack's accuracy (%) after each of its stages: results.json's aa_stages (evaluate.py from 5718708 on),
     else the counts a watcher polled from evaluate.py's state file into stages.txt, else None."""
     if set(results.get("aa_stages", ())) == set(AA_STAGES):
-        return [100 * results["aa_stages"].get(stage, float("nan")) for stage in AA_STAGES]
-    path = os.path.join(DIR, where, f"{method}-s{seed}", "eval_aa500", "stages.txt")
+        return [100 * results["aa_stages"][stage] for stage in AA_STAGES]
+    path = run_file(where, method, seed, "eval_aa500", "stages.txt")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        counts = {done.split(",")[-1]: int(robust) for done, robust in re.findall(r"done=\[([a-z,-]+)\] robust=(\d+) pending 0\n",
-                                                                                 f.read())}
+        polled = re.findall(r"done=\[([a-z,-]+)\] robust=(\d+) pending 0\n", f.read())
+    counts = {done.split(",")[-1]: int(robust) for done, robust in polled}
     if not all(stage in counts for stage in AA_STAGES[:-1]):  # a stage no poll saw between stages: no guess
         return None
     counts["square"] = results["accuracy"]["aa"] * results["n"]
@@ -112,7 +126,7 @@ def aa_stages(where, method, seed, results):
 def square_broke(where, method, seed, results):
     """The points (%) Square took after the gradient stages, from the warning evaluate.py prints past AutoAttack's
     0.2 % of n, on stderr: the log.txt beside results.json holds both streams); "—" without a log."""
-    path = os.path.join(DIR, where, f"{method}-s{seed}", "eval_aa500", "log.txt")
+    path = run_file(where, method, seed, "eval_aa500", "log.txt")
     if not os.path.isfile(path):
         return "—"
     with open(path) as f:
@@ -129,24 +143,22 @@ def autoattack(found, retrained):
     lines = ["| model | trained on | AutoAttack on | clean / PGD-20 / C&W-20 (images) | PGD-10 − PGD-40 (images) | "
              "AutoAttack (clean; images) | after APGD-CE / APGD-T / FAB-T / Square | Square took |",
              "|---|---|---|---|---:|---|---|---:|"]
-    for where, runs_, label in (("runs", found, ""), (RETRAINED, retrained, ", retrained")):
-        for method, seeds in runs_.items():
-            for seed, results, rows in seeds:
-                aa = extra(method, seed, "eval_aa500", where)
-                if aa is None:
-                    continue
-                own = (" / ".join(f"{100 * results['accuracy'][c]:.1f}" for c in COLUMNS) + f" ({results['n']:,})"
-                       if results else "—")
-                sweep = extra(method, seed, "eval_steps500", where)
-                sweep = (f"{100 * (sweep['accuracy']['pgd10'] - sweep['accuracy']['pgd40']):.1f} ({sweep['n']:,})"
-                         if sweep else "—")
-                machine = ", ".join(sorted({r["machine"] for r in rows if r.get("machine")})) or "not recorded"
-                after = aa_stages(where, method, seed, aa)
-                square = f"{after[2] - after[3]:.1f}" if after else square_broke(where, method, seed, aa)
-                after = " / ".join(f"{a:.1f}" for a in after) if after else "not recorded"
-                lines.append(f"| {METHODS[method]} s{seed}{label} | {machine} | {aa.get('machine', 'not recorded')} | "
-                             f"{own} | {sweep} | {100 * aa['accuracy']['aa']:.1f} ({100 * aa['accuracy']['clean']:.1f}; "
-                             f"{aa['n']:,}) | {after} | {square} |")
+    for where, label, method, seed, results, rows in every_run(found, retrained):
+        aa = extra(method, seed, "eval_aa500", where)
+        if aa is None:
+            continue
+        own = (" / ".join(f"{100 * results['accuracy'][c]:.1f}" for c in COLUMNS) + f" ({results['n']:,})"
+               if results else "—")
+        sweep = extra(method, seed, "eval_steps500", where)
+        sweep = (f"{100 * (sweep['accuracy']['pgd10'] - sweep['accuracy']['pgd40']):.1f} ({sweep['n']:,})"
+                 if sweep else "—")
+        machine = ", ".join(sorted({r["machine"] for r in rows if r.get("machine")})) or "not recorded"
+        after = aa_stages(where, method, seed, aa)
+        square = f"{after[2] - after[3]:.1f}" if after else square_broke(where, method, seed, aa)
+        after = " / ".join(f"{a:.1f}" for a in after) if after else "not recorded"
+        lines.append(f"| {METHODS[method]} s{seed}{label} | {machine} | {aa.get('machine', 'not recorded')} | "
+                     f"{own} | {sweep} | {100 * aa['accuracy']['aa']:.1f} ({100 * aa['accuracy']['clean']:.1f}; "
+                     f"{aa['n']:,}) | {after} | {square} |")
     return "\n".join(lines)
 
 
@@ -174,14 +186,12 @@ def steps(found, retrained):
     """Robust accuracy against more steps of the same attack: a model robust only to the attack it trained with
     (gradient masking) falls as the steps grow."""
     lines = ["| run | clean | PGD-10 | PGD-20 | PGD-40 | PGD-10 − PGD-40 |", "|---|---:|---:|---:|---:|---:|"]
-    for where, runs_, label in (("runs", found, ""), (RETRAINED, retrained, ", retrained")):
-        for method, seeds in runs_.items():
-            for seed, _, _ in seeds:
-                r = extra(method, seed, "eval_steps500", where)
-                if r:
-                    acc = [100 * r["accuracy"][c] for c in ("clean", *STEPS)]
-                    lines.append(f"| {METHODS[method]} s{seed}{label} | " + " | ".join(f"{a:.1f}" for a in acc)
-                                 + f" | {acc[1] - acc[-1]:.1f} |")
+    for where, label, method, seed, _, _ in every_run(found, retrained):
+        r = extra(method, seed, "eval_steps500", where)
+        if r:
+            acc = [100 * r["accuracy"][c] for c in ("clean", *STEPS)]
+            lines.append(f"| {METHODS[method]} s{seed}{label} | " + " | ".join(f"{a:.1f}" for a in acc)
+                         + f" | {acc[1] - acc[-1]:.1f} |")
     return "\n".join(lines)
 
 
@@ -254,7 +264,7 @@ def pictures(found):
 
 def main():
     """Everything from the files under DIR; DOC's generated sections rewritten, the rest of it left as it is."""
-    found, retrained = runs(), runs(RETRAINED) if os.path.isdir(os.path.join(DIR, RETRAINED)) else {}
+    found, retrained = runs(), runs(RETRAINED)  # no retrained/ folder: none
     with open(DOC) as f:
         text = f.read()
     for name, body in (("verdict", verdict(found)), ("table", table(found)),
