@@ -274,8 +274,9 @@ def save_outputs(out_dir, meta, masks, seconds, complete):
     runs.write_atomic(os.path.join(out_dir, "per_example.npz"), lambda f: np.savez(f, **arrays, worst=worst.numpy()), "wb")
     results = dict(meta, accuracy=accuracy, all=mean, worst=worst.double().mean().item(),
                    seconds={a: round(s, 3) for a, s in seconds.items()}, complete=complete)
-    after = (aa_state(os.path.join(out_dir, "autoattack_aa.json")) or {}).get("robust_after", {})
-    after = after if "aa" in masks else {}
+    after = {}
+    if "aa" in masks:  # AutoAttack's state, read only where AA ran (this runs after every attack)
+        after = (aa_state(os.path.join(out_dir, "autoattack_aa.json")) or {}).get("robust_after", {})
     if all(stage in after for stage in AA_STAGES):  # not where a state from before they were kept was resumed
         results["aa_stages"] = {stage: after[stage] / meta["n"] for stage in AA_STAGES}
     runs.write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(results, f, indent=1), "w")
